@@ -1,0 +1,238 @@
+"""Named collectives with an explicit process group, autograd pairs, and per-kind call/byte counters.
+
+Every collective fr_dist issues goes through this module, so benchmarks and tests can read
+exactly what one training step sends (:func:`comm_stats`). Counters record, per kind
+(``all_gather``, ``reduce_scatter``, ``all_reduce``, ``broadcast``) and per name:
+
+* ``calls``      number of collective launches,
+* ``bytes``      size of the logical tensor (the gathered output / the scattered input /
+                 the reduced tensor), in bytes,
+* ``wire_bytes`` what one rank sends with a ring algorithm: ``(W-1)/W * bytes`` for gather
+                 and scatter, ``2 (W-1)/W * bytes`` for all-reduce (the NCCL-tests "bus" volume).
+
+``group=None`` means the default group when one is initialised, else a single process; with
+a single process every collective is the identity and nothing is counted.
+
+Autograd pairs (Megatron's mapping names):
+
+=========================  =====================  ==========================
+function                   forward                backward
+=========================  =====================  ==========================
+``gather_from_batch``      all_gather (dim 0)     reduce_scatter (sum) * s
+``reduce_from_shards``     all_reduce (sum)       identity
+``copy_to_shards``         identity               all_reduce (sum)
+=========================  =====================  ==========================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "resolve_group",
+    "world_info",
+    "comm_stats",
+    "reset_comm_stats",
+    "all_gather",
+    "reduce_scatter",
+    "all_reduce",
+    "broadcast",
+    "gather_from_batch",
+    "reduce_from_shards",
+    "copy_to_shards",
+]
+
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
+
+_lock = threading.Lock()
+_stats: dict = defaultdict(lambda: {"calls": 0, "bytes": 0, "wire_bytes": 0})
+
+
+def resolve_group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    """``None`` -> the default group if initialised, else ``None`` (single process)."""
+    if group is not None:
+        return group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def world_info(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """(rank, world_size) in ``group``; (0, 1) without a process group."""
+    group = resolve_group(group)
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _record(kind: str, name: str, nbytes: int, world: int) -> None:
+    factor = {"all_reduce": 2.0 * (world - 1) / world}.get(kind, (world - 1) / world)
+    with _lock:
+        for key in (kind, f"{kind}/{name}"):
+            s = _stats[key]
+            s["calls"] += 1
+            s["bytes"] += int(nbytes)
+            s["wire_bytes"] += int(round(nbytes * factor))
+
+
+def comm_stats() -> dict:
+    """Snapshot ``{kind or kind/name: {calls, bytes, wire_bytes}}`` (all four kinds always present)."""
+    with _lock:
+        out = {k: dict(v) for k, v in _stats.items()}
+    for kind in KINDS:
+        out.setdefault(kind, {"calls": 0, "bytes": 0, "wire_bytes": 0})
+    return out
+
+
+def reset_comm_stats() -> None:
+    with _lock:
+        _stats.clear()
+
+
+@contextlib.contextmanager
+def counting():
+    """``with counting() as s: ...`` -> ``s`` holds the counters of the block only."""
+    reset_comm_stats()
+    result: dict = {}
+    try:
+        yield result
+    finally:
+        result.update(comm_stats())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ----------------------------------------------------------------------------- raw collectives
+
+
+def all_gather(x: torch.Tensor, group=None, name: str = "tensor") -> torch.Tensor:
+    """Concatenate ``x`` [B, ...] of every rank in rank order -> [W*B, ...]. Equal B required."""
+    group = resolve_group(group)
+    if group is None:
+        return x
+    world = dist.get_world_size(group)
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    _record("all_gather", name, _nbytes(out), world)
+    return out
+
+
+def reduce_scatter(x: torch.Tensor, group=None, name: str = "tensor") -> torch.Tensor:
+    """Sum ``x`` [W*B, ...] over ranks and return this rank's rows [B, ...] (rank-ordered blocks)."""
+    group = resolve_group(group)
+    if group is None:
+        return x
+    world = dist.get_world_size(group)
+    if x.shape[0] % world:
+        raise ValueError(f"reduce_scatter: dim 0 ({x.shape[0]}) not divisible by world size {world}")
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    _record("reduce_scatter", name, _nbytes(x), world)
+    return out
+
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(
+    x: torch.Tensor, op: str = "sum", group=None, name: str = "tensor", async_op: bool = False
+):
+    """All-reduce a copy of ``x`` (the caller's tensor is never modified).
+
+    Returns the reduced tensor, or ``(tensor, work)`` with ``async_op=True`` (call ``work.wait()``).
+    """
+    group = resolve_group(group)
+    out = x.detach().clone()
+    if group is None:
+        return (out, None) if async_op else out
+    world = dist.get_world_size(group)
+    work = dist.all_reduce(out, op=getattr(dist.ReduceOp, _OPS[op]), group=group, async_op=async_op)
+    _record("all_reduce", name, _nbytes(out), world)
+    return (out, work) if async_op else out
+
+
+def broadcast(x: torch.Tensor, src: int = 0, group=None, name: str = "tensor") -> torch.Tensor:
+    """Return rank ``src``'s ``x`` on every rank (a copy; the caller's tensor is untouched)."""
+    group = resolve_group(group)
+    if group is None:
+        return x
+    out = x.detach().clone().contiguous()
+    dist.broadcast(out, src=dist.get_global_rank(group, src), group=group)
+    _record("broadcast", name, _nbytes(out), dist.get_world_size(group))
+    return out
+
+
+# ----------------------------------------------------------------------------- autograd pairs
+
+
+class _GatherFromBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grad_scale, name):
+        ctx.group, ctx.grad_scale, ctx.name = group, grad_scale, name
+        return all_gather(x, group, name=name)  # [B, ...] -> [W*B, ...]
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = reduce_scatter(grad, ctx.group, name=f"grad_{ctx.name}")  # [W*B, ...] -> [B, ...]
+        if ctx.grad_scale != 1.0:
+            g = g * ctx.grad_scale
+        return g, None, None, None
+
+
+def gather_from_batch(x: torch.Tensor, group=None, grad_scale: float = 1.0, name: str = "embeddings"):
+    """Forward all-gather of the data-parallel batch; backward reduce-scatter (sum) times ``grad_scale``.
+
+    With ``grad_scale=1`` the local gradient is exactly dL/dx of the global loss. Pass the
+    world size to pre-compensate a data-parallel wrapper that averages gradients (DDP).
+    """
+    group = resolve_group(group)
+    if group is None:
+        return x * grad_scale if grad_scale != 1.0 and x.requires_grad else x
+    return _GatherFromBatch.apply(x, group, float(grad_scale), name)
+
+
+class _ReduceFromShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, name):
+        return all_reduce(x, "sum", group, name=name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def reduce_from_shards(x: torch.Tensor, group=None, name: str = "loss") -> torch.Tensor:
+    """Sum of per-shard partial values (forward all-reduce); backward identity."""
+    group = resolve_group(group)
+    if group is None:
+        return x
+    return _ReduceFromShards.apply(x, group, name)
+
+
+class _CopyToShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, name):
+        ctx.group, ctx.name = group, name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, "sum", ctx.group, name=f"grad_{ctx.name}"), None, None
+
+
+def copy_to_shards(x: torch.Tensor, group=None, name: str = "param") -> torch.Tensor:
+    """Use a replicated tensor in per-shard math: forward identity, backward all-reduce (sum)."""
+    group = resolve_group(group)
+    if group is None:
+        return x
+    return _CopyToShards.apply(x, group, name)

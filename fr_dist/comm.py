@@ -46,6 +46,9 @@ __all__ = [
     "gather_from_batch",
     "reduce_from_shards",
     "copy_to_shards",
+    "gather_batch_with_labels",
+    "check_batch_consistency",
+    "counting",
 ]
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
@@ -236,3 +239,83 @@ def copy_to_shards(x: torch.Tensor, group=None, name: str = "param") -> torch.Te
     if group is None:
         return x
     return _CopyToShards.apply(x, group, name)
+
+
+def _label_cols(dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    if 8 % size:
+        raise TypeError(f"cannot pack int64 labels into {dtype} columns")
+    return 8 // size
+
+
+class _GatherBatchWithLabels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, group, grad_scale, name):
+        ctx.group, ctx.grad_scale, ctx.name = group, grad_scale, name
+        B, D = x.shape
+        k = _label_cols(x.dtype)
+        # int64 labels travel bit-exactly as k extra columns of x's dtype: [B] -> [B, k]
+        lab = labels.to(torch.int64).contiguous().view(x.dtype).reshape(B, k)
+        packed = torch.cat([x, lab], dim=1)  # [B, D + k]
+        out = all_gather(packed, group, name=name)  # [W*B, D + k]
+        x_all = out[:, :D].contiguous()  # [W*B, D]
+        labels_all = out[:, D:].contiguous().view(torch.int64).reshape(-1)  # [W*B]
+        ctx.mark_non_differentiable(labels_all)
+        return x_all, labels_all
+
+    @staticmethod
+    def backward(ctx, grad_x, _grad_labels):
+        g = reduce_scatter(grad_x, ctx.group, name=f"grad_{ctx.name}")  # [W*B, D] -> [B, D]
+        if ctx.grad_scale != 1.0:
+            g = g * ctx.grad_scale
+        return g, None, None, None, None
+
+
+def gather_batch_with_labels(
+    x: torch.Tensor, labels: torch.Tensor, group=None, grad_scale: float = 1.0, name: str = "embeddings"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One all-gather of embeddings [B, D] and int64 labels [B] -> ([W*B, D], [W*B]).
+
+    Backward reduce-scatters (sums) only the embedding gradient and multiplies it by
+    ``grad_scale`` (see :func:`gather_from_batch`).
+    """
+    group = resolve_group(group)
+    if group is None:
+        x_out = x * grad_scale if grad_scale != 1.0 and x.requires_grad else x
+        return x_out, labels.to(torch.int64)
+    return _GatherBatchWithLabels.apply(x, labels, group, float(grad_scale), name)
+
+
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.bfloat16: 2,
+    torch.float16: 3,
+}
+
+
+def check_batch_consistency(x: torch.Tensor, group=None) -> None:
+    """Tiny all-gather of (B, D, dtype) so mismatched batches raise instead of hanging/aborting.
+
+    A mismatched ``all_gather_into_tensor`` aborts gloo with an enforce failure and hangs NCCL;
+    this handshake (3 int64 per rank) names the offending ranks first.
+    """
+    group = resolve_group(group)
+    if group is None:
+        return
+    code = _DTYPE_CODES.get(x.dtype, 9)
+    meta = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else -1, code], dtype=torch.int64)
+    if x.device.type == "cuda":  # NCCL needs device tensors
+        meta = meta.to(x.device)
+    allm = all_gather(meta.unsqueeze(0), group, name="meta").cpu()  # [W, 3]
+    if (allm == allm[0]).all():
+        return
+    names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+    desc = ", ".join(
+        f"rank {r}: batch {int(b)}, dim {int(d)}, {names.get(int(c), 'other')}"
+        for r, (b, d, c) in enumerate(allm.tolist())
+    )
+    raise ValueError(
+        "embedding batches differ between ranks (every rank must pass the same local batch size, "
+        f"embedding dimension and dtype; use drop_last or pad the last batch): {desc}"
+    )

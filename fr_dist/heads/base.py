@@ -1,0 +1,130 @@
+"""What both sharded heads share: the class shard, world-size independent init, the batch gather."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fr_dist import comm
+from fr_dist.sharding import class_range
+
+__all__ = ["ShardedClassifier", "init_weight_rows"]
+
+# Rows are generated in fixed blocks, each from its own seed, so a rank can draw exactly its
+# slice without materialising [K, D] (K may be 10^8), and every world size sees the same rows.
+_INIT_BLOCK = 1 << 16
+
+
+def init_weight_rows(
+    start: int, count: int, dim: int, seed: int, std: float = 0.01, dtype=torch.float32
+) -> torch.Tensor:
+    """Rows [start, start + count) of the full N(0, std^2) weight defined by ``seed``."""
+    out = torch.empty(count, dim, dtype=dtype)
+    end = start + count
+    block = start // _INIT_BLOCK
+    while block * _INIT_BLOCK < end:
+        b0 = block * _INIT_BLOCK
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + block)
+        rows = torch.randn(_INIT_BLOCK, dim, generator=gen).mul_(std)  # [block, D]
+        lo, hi = max(start, b0), min(end, b0 + _INIT_BLOCK)
+        out[lo - start : hi - start] = rows[lo - b0 : hi - b0].to(dtype)
+        block += 1
+    return out
+
+
+class ShardedClassifier(nn.Module):
+    """Holds this rank's contiguous class shard ``[class_start, class_start + num_local)``.
+
+    ``process_group=None`` means the default group if one is initialised when the head is
+    built, else a single process. Subclasses implement ``forward(embeddings, labels)``.
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        process_group=None,
+        seed: int = 0,
+        init_std: float = 0.01,
+        embedding_grad_scale: float = 1.0,
+        check_inputs: bool = True,
+    ):
+        super().__init__()
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.process_group = comm.resolve_group(process_group)
+        self.rank, self.world_size = comm.world_info(self.process_group)
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.class_start, self.num_local = class_range(num_classes, self.rank, self.world_size)
+        self.embedding_grad_scale = float(embedding_grad_scale)
+        """Multiplies the reduce-scattered embedding gradient. 1 gives the true dL/dx; pass the
+        world size when a data-parallel wrapper averages backbone gradients (DDP, DeepSpeed)."""
+        self.check_inputs = check_inputs
+        """Validate shapes across ranks (one 3-int all-gather), label range and finiteness."""
+        self.weight = nn.Parameter(
+            init_weight_rows(self.class_start, self.num_local, embedding_size, seed, init_std)
+        )  # [n_r, D]
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"class_start={self.class_start}, num_local={self.num_local}, "
+            f"rank={self.rank}/{self.world_size}"
+        )
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor) -> None:
+        """Load the full [K, D] class matrix and keep this rank's rows."""
+        if tuple(weight.shape) != (self.num_classes, self.embedding_size):
+            raise ValueError(
+                f"load_full_weight: expected [{self.num_classes}, {self.embedding_size}] "
+                f"(num_classes, embedding_size), got {list(weight.shape)}"
+            )
+        rows = weight[self.class_start : self.class_start + self.num_local]
+        self.weight.copy_(rows.to(self.weight.dtype))
+
+    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate the local batch and all-gather it: [B, D], [B] -> [W*B, D], [W*B] (int64)."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must be [batch, {self.embedding_size}] (embedding_size), "
+                f"got {list(embeddings.shape)}"
+            )
+        labels = labels.reshape(-1)
+        if labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels have {labels.shape[0]} entries but embeddings have {embeddings.shape[0]} rows"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if self.check_inputs:
+            comm.check_batch_consistency(embeddings, self.process_group)
+        x_all, labels_all = comm.gather_batch_with_labels(
+            embeddings, labels, self.process_group, self.embedding_grad_scale
+        )  # [W*B, D], [W*B]
+        if self.check_inputs:
+            bad = (labels_all < 0) | (labels_all >= self.num_classes)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"label {int(labels_all[i])} outside [0, {self.num_classes}) (num_classes) "
+                    f"at global batch row {i} (rank {i // embeddings.shape[0]})"
+                )
+            finite = torch.isfinite(x_all.detach()).all(dim=1)
+            if not bool(finite.all()):
+                i = int((~finite).nonzero()[0, 0])
+                raise FloatingPointError(
+                    f"non-finite (NaN/inf) embedding at global batch row {i} "
+                    f"(rank {i // embeddings.shape[0]}): check the backbone/learning rate"
+                )
+        return x_all, labels_all
+
+    def local_targets(self, labels_all: torch.Tensor) -> torch.Tensor:
+        """Global labels [N] -> column of the target in this shard, -1 where not here."""
+        local = labels_all - self.class_start
+        here = (local >= 0) & (local < self.num_local)
+        return torch.where(here, local, torch.full_like(local, -1))
+

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared material not found at {SHARED} (clone with ../shared beside the repo)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def golden_dir(shared_dir) -> Path:
+    d = shared_dir / "golden"
+    if not d.is_dir():
+        pytest.skip(f"golden vectors not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def mxnet_fixture_dir(shared_dir) -> Path:
+    d = shared_dir / "fixtures" / "mxnet_rec"
+    if not d.is_dir():
+        pytest.skip(f"MXNet RecordIO fixture not found at {d}")
+    return d

@@ -109,6 +109,11 @@ def counting():
         result.update(comm_stats())
 
 
+# torch >= 2.10 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", getattr(dist, "all_gather_into_tensor", None))
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", getattr(dist, "reduce_scatter_tensor", None))
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -124,7 +129,7 @@ def all_gather(x: torch.Tensor, group=None, name: str = "tensor") -> torch.Tenso
     world = dist.get_world_size(group)
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     _record("all_gather", name, _nbytes(out), world)
     return out
 
@@ -139,7 +144,7 @@ def reduce_scatter(x: torch.Tensor, group=None, name: str = "tensor") -> torch.T
         raise ValueError(f"reduce_scatter: dim 0 ({x.shape[0]}) not divisible by world size {world}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
     _record("reduce_scatter", name, _nbytes(x), world)
     return out
 

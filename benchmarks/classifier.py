@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import sys
@@ -39,24 +38,37 @@ def make_head(name: str, dim: int, K: int, sample_rate: float, grad_scale: float
     if name == "sphereface2":
         return SphereFace2Head(dim, K, embedding_grad_scale=grad_scale, check_inputs=False)
     return PartialFCHead(
-        dim, K, margin="arcface", sample_rate=sample_rate, embedding_grad_scale=grad_scale, check_inputs=False
+        dim,
+        K,
+        margin="arcface",
+        sample_rate=sample_rate,
+        embedding_grad_scale=grad_scale,
+        check_inputs=False,
     )
 
 
-def run_config(rank, world, head_name, K, batch, dim, steps, warmup, sample_rate, lr, device="cpu", log=False):
+def run_config(
+    rank, world, head_name, K, batch, dim, steps, warmup, sample_rate, lr, device="cpu", log=False
+):
     """Train the head alone; return timing, comm and memory figures for this rank."""
     dev = torch.device(device)
     head = make_head(head_name, dim, K, sample_rate, 1.0).to(dev)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(1000 + rank)
-    centres = torch.nn.functional.normalize(torch.randn(K, dim, generator=torch.Generator().manual_seed(7)), dim=1)
+    centres = torch.nn.functional.normalize(
+        torch.randn(K, dim, generator=torch.Generator().manual_seed(7)), dim=1
+    )
     losses, times = [], []
     stats_per_step = None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for step in range(warmup + steps):
         y = torch.randint(0, K, (batch,), generator=gen)
-        x = (centres[y] + 0.5 * torch.randn(batch, dim, generator=gen) / dim**0.5).to(dev).requires_grad_(True)
+        x = (
+            (centres[y] + 0.5 * torch.randn(batch, dim, generator=gen) / dim**0.5)
+            .to(dev)
+            .requires_grad_(True)
+        )
         y = y.to(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -125,7 +137,10 @@ def plot(results: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for head in sorted({r["head"] for r in results}):
         for W in sorted({r["world_size"] for r in results}):
-            rs = sorted((r for r in results if r["head"] == head and r["world_size"] == W), key=lambda r: r["num_classes"])
+            rs = sorted(
+                (r for r in results if r["head"] == head and r["world_size"] == W),
+                key=lambda r: r["num_classes"],
+            )
             if not rs:
                 continue
             Ks = [r["num_classes"] for r in rs]
@@ -144,7 +159,9 @@ def plot(results: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--heads", nargs="+", default=["sphereface2", "partial_fc"])
     p.add_argument("--num-classes", nargs="+", type=int, default=[1000, 10000])
     p.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2])
@@ -167,8 +184,18 @@ def main(argv=None) -> int:
         env, dev = init_distributed()
         for head in a.heads:
             for K in a.num_classes:
-                cfg = dict(head_name=head, K=K, batch=a.batch, dim=a.dim, steps=a.steps, warmup=a.warmup,
-                           sample_rate=a.sample_rate, lr=a.lr, device=str(dev), log=a.log)
+                cfg = dict(
+                    head_name=head,
+                    K=K,
+                    batch=a.batch,
+                    dim=a.dim,
+                    steps=a.steps,
+                    warmup=a.warmup,
+                    sample_rate=a.sample_rate,
+                    lr=a.lr,
+                    device=str(dev),
+                    log=a.log,
+                )
                 r = run_config(env.rank, env.world_size, **cfg)
                 if env.is_main:
                     results.append(r)
@@ -181,8 +208,18 @@ def main(argv=None) -> int:
     for W in a.world_sizes:
         for head in a.heads:
             for K in a.num_classes:
-                cfg = dict(head_name=head, K=K, batch=a.batch, dim=a.dim, steps=a.steps, warmup=a.warmup,
-                           sample_rate=a.sample_rate, lr=a.lr, log=a.log, threads=a.threads)
+                cfg = dict(
+                    head_name=head,
+                    K=K,
+                    batch=a.batch,
+                    dim=a.dim,
+                    steps=a.steps,
+                    warmup=a.warmup,
+                    sample_rate=a.sample_rate,
+                    lr=a.lr,
+                    log=a.log,
+                    threads=a.threads,
+                )
                 r = spawn_gloo(_spawned, W, args=(cfg,), timeout_s=1800)[0]
                 results.append(r)
                 print(

@@ -1,7 +1,7 @@
 """Class-sharded classifier heads: SphereFace2 (the product) and Partial-FC softmax (the baseline).
 
-    from fr_dist.heads import create_head, list_heads
-    head = create_head("sphereface2", embedding_size=512, num_classes=93431, process_group=pg)
+from fr_dist.heads import create_head, list_heads
+head = create_head("sphereface2", embedding_size=512, num_classes=93431, process_group=pg)
 """
 
 from __future__ import annotations

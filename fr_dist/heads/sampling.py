@@ -13,7 +13,10 @@ def num_sampled(num_local: int, sample_rate: float) -> int:
 
 
 def sample_classes(
-    target_col: torch.Tensor, num_local: int, sample_rate: float, generator: torch.Generator | None = None
+    target_col: torch.Tensor,
+    num_local: int,
+    sample_rate: float,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the shard columns used this step and remap the targets.
 

@@ -125,7 +125,17 @@ def sphereface2_partial_loss(
     """
     _check_hparams(margin, grad, lam)
     return _SphereFace2Partial.apply(
-        cos, target_col, bias, float(lam), float(r), float(m), float(t), float(lw), margin, grad, int(batch_size)
+        cos,
+        target_col,
+        bias,
+        float(lam),
+        float(r),
+        float(m),
+        float(t),
+        float(lw),
+        margin,
+        grad,
+        int(batch_size),
     )
 
 
@@ -199,7 +209,13 @@ class SphereFace2Head(ShardedClassifier):
             embedding_grad_scale=embedding_grad_scale,
             check_inputs=check_inputs,
         )
-        self.lam, self.r, self.m, self.t, self.lw = float(lam), float(r), float(m), float(t), float(lw)
+        self.lam, self.r, self.m, self.t, self.lw = (
+            float(lam),
+            float(r),
+            float(m),
+            float(t),
+            float(lw),
+        )
         self.margin, self.grad = margin, grad
         b0 = sphereface2_bias_init(num_classes, lam, r, m, t, margin)
         self.bias = torch.nn.Parameter(torch.tensor([b0], dtype=torch.float32))  # [1], replicated
@@ -226,7 +242,9 @@ class SphereFace2Head(ShardedClassifier):
         w_hat = w / w.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n_r, D]
         cos = F.linear(x_hat, w_hat)  # [W*B, n_r] (bf16 under autocast)
         cos = cos.float() if cos.dtype in (torch.bfloat16, torch.float16) else cos
-        bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
+        bias = comm.copy_to_shards(
+            self.bias, self.process_group, name="bias"
+        )  # bwd: 1-elem all-reduce
         partial = sphereface2_partial_loss(
             cos,
             target_col,
@@ -240,4 +258,6 @@ class SphereFace2Head(ShardedClassifier):
             grad=self.grad,
             batch_size=x_all.shape[0],
         )
-        return comm.reduce_from_shards(partial, self.process_group, name="loss")  # 1-elem all-reduce
+        return comm.reduce_from_shards(
+            partial, self.process_group, name="loss"
+        )  # 1-elem all-reduce

@@ -38,6 +38,11 @@ def test_mismatched_batches_and_labels_raise_on_every_rank():
     for r in res:
         for name in ("sf2", "pfc"):
             assert "batches differ between ranks" in r[f"{name}_batch"]
-            assert "rank 0: batch 4" in r[f"{name}_batch"] and "rank 1: batch 5" in r[f"{name}_batch"]
-            assert "label 11 outside [0, 11)" in r[f"{name}_label"] and "(rank 1)" in r[f"{name}_label"]
+            assert (
+                "rank 0: batch 4" in r[f"{name}_batch"] and "rank 1: batch 5" in r[f"{name}_batch"]
+            )
+            assert (
+                "label 11 outside [0, 11)" in r[f"{name}_label"]
+                and "(rank 1)" in r[f"{name}_label"]
+            )
     assert res[0]["sf2_ok"] == res[1]["sf2_ok"]

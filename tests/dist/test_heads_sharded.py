@@ -32,7 +32,9 @@ def make_batch(world, K, seed):
     x = torch.randn(world * B_LOCAL, D, generator=g, dtype=torch.float64)  # [W*B, D]
     y = torch.randint(0, K, (world * B_LOCAL,), generator=g)
     y[0], y[-1] = 0, K - 1
-    W = torch.randn(K, D, generator=g, dtype=torch.float64) * (0.5 + torch.rand(K, 1, generator=g, dtype=torch.float64))
+    W = torch.randn(K, D, generator=g, dtype=torch.float64) * (
+        0.5 + torch.rand(K, 1, generator=g, dtype=torch.float64)
+    )
     return x, y, W
 
 
@@ -111,7 +113,9 @@ def test_sharded_heads_equal_dense(world):
         tag = f"{r0['kind']} {r0['case']} K={r0['K']} W={world}"
         for res in per_rank:
             torch.testing.assert_close(res["loss"], ref_loss, rtol=1e-10, atol=1e-12, msg=tag)
-        torch.testing.assert_close(torch.cat([r["dx"] for r in per_rank]), ref_dx, rtol=1e-9, atol=1e-12, msg=tag)
+        torch.testing.assert_close(
+            torch.cat([r["dx"] for r in per_rank]), ref_dx, rtol=1e-9, atol=1e-12, msg=tag
+        )
         dW = torch.cat([r["dW"] if r["dW"] is not None else torch.zeros(0, D) for r in per_rank])
         torch.testing.assert_close(dW, ref_dW, rtol=1e-9, atol=1e-12, msg=tag)
         if ref_db is not None:

@@ -27,7 +27,9 @@ def test_registry():
 def test_init_is_world_size_independent():
     full = init_weight_rows(0, 200_000, 4, seed=3)  # spans several init blocks
     for start, n in [(0, 7), (65_530, 20), (131_000, 69_000)]:
-        torch.testing.assert_close(init_weight_rows(start, n, 4, seed=3), full[start : start + n], rtol=0, atol=0)
+        torch.testing.assert_close(
+            init_weight_rows(start, n, 4, seed=3), full[start : start + n], rtol=0, atol=0
+        )
     assert not torch.equal(init_weight_rows(0, 5, 4, seed=4), full[:5])
 
 
@@ -133,7 +135,17 @@ def test_sphereface2_finite_at_cos_plus_minus_one(margin, grad):
     cos = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 1.0]], requires_grad=True)
     target = torch.tensor([0, 0])
     loss = sphereface2_partial_loss(
-        cos, target, torch.zeros(1), lam=0.7, r=40, m=0.5, t=3, lw=50, margin=margin, grad=grad, batch_size=2
+        cos,
+        target,
+        torch.zeros(1),
+        lam=0.7,
+        r=40,
+        m=0.5,
+        t=3,
+        lw=50,
+        margin=margin,
+        grad=grad,
+        batch_size=2,
     )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(cos.grad).all()
@@ -147,13 +159,27 @@ def test_softmax_finite_at_cos_plus_minus_one(margin, grad):
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], requires_grad=True)  # cosines exactly +1 and -1
     loss = head(x, torch.tensor([0, 0]))
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+    assert (
+        torch.isfinite(loss)
+        and torch.isfinite(x.grad).all()
+        and torch.isfinite(head.weight.grad).all()
+    )
 
 
 def test_empty_local_shard_partial_loss_is_zero_and_finite():
     cos = torch.zeros(4, 0, requires_grad=True)
     loss = sphereface2_partial_loss(
-        cos, torch.full((4,), -1), torch.zeros(1), lam=0.7, r=40, m=0.4, t=3, lw=50, margin="C", grad="detached", batch_size=4
+        cos,
+        torch.full((4,), -1),
+        torch.zeros(1),
+        lam=0.7,
+        r=40,
+        m=0.4,
+        t=3,
+        lw=50,
+        margin="C",
+        grad="detached",
+        batch_size=4,
     )
     loss.backward()
     assert loss.item() == 0.0 and cos.grad.shape == (4, 0)

@@ -1,0 +1,151 @@
+"""``fr-dist`` command line: train | eval | export | data | config.
+
+fr-dist train --config configs/demo_cpu.yaml output_dir=runs/demo train.max_steps=200
+torchrun --nproc_per_node=2 -m fr_dist.cli train --config configs/demo_cpu.yaml
+fr-dist eval --checkpoint runs/demo --bin data/synthetic/heldout.bin --json eval.json
+fr-dist export runs/demo --torch backbone.pt --onnx backbone.onnx
+fr-dist data synth data/synthetic | data pack FOLDER OUT | data info PATH
+fr-dist config --config configs/demo_cpu.yaml [overrides]   # print the resolved config
+fr-dist config --help-keys                                  # every key with its doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _rank_from_env() -> tuple[int, int]:
+    for r, lr in (("RANK", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_LOCALID")):
+        if r in os.environ:
+            return int(os.environ[r]), int(os.environ.get(lr, 0))
+    return 0, 0
+
+
+def prepare_data(cfg) -> None:
+    """Generate the synthetic dataset if configured and missing (local rank 0; the others wait)."""
+    syn = cfg.data.synthetic
+    rec = Path(cfg.data.rec)
+    if not syn.generate or rec.exists():
+        return
+    done = Path(syn.out_dir) / ".complete"
+    _, local_rank = _rank_from_env()
+    if local_rank == 0 and not done.exists():
+        from fr_dist.data import make_synthetic_dataset
+
+        t0 = time.time()
+        make_synthetic_dataset(
+            syn.out_dir,
+            num_identities=syn.num_identities,
+            images_per_identity=syn.images_per_identity,
+            heldout_identities=syn.heldout_identities,
+            heldout_pairs=syn.heldout_pairs,
+            seed=syn.seed,
+        )
+        done.write_text("ok\n")
+        print(f"synthetic dataset written to {syn.out_dir} in {time.time() - t0:.1f}s", flush=True)
+    while not done.exists():
+        time.sleep(0.5)
+
+
+def cmd_train(args) -> int:
+    from fr_dist.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before any process group exists
+    prepare_data(cfg)
+    from fr_dist.train.run import run_training
+
+    return run_training(cfg)
+
+
+def cmd_config(args) -> int:
+    from fr_dist.train import config as C
+
+    if args.help_keys:
+        print(C.format_help())
+        return 0
+    cfg = C.load_config(args.config, args.overrides)
+    import yaml
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fr_dist.export import export
+
+    export(args.run, torch_out=args.torch, onnx_out=args.onnx, step=args.step)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fr_dist.eval.cli import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fr-dist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train", help="train a backbone + sharded head (single process, torchrun or srun)"
+    )
+    t.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print the resolved config or every key's documentation")
+    c.add_argument("--config", default=None)
+    c.add_argument("--help-keys", action="store_true")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=cmd_config)
+
+    e = sub.add_parser("export", help="export a run's backbone to TorchScript-free .pt and/or ONNX")
+    e.add_argument("run", help="run directory (uses its newest checkpoint) or a checkpoint folder")
+    e.add_argument("--torch", default=None, help="write backbone state dict + config here")
+    e.add_argument("--onnx", default=None, help="write an ONNX model (dynamic batch) here")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="verification on .bin pair files and IJB-style templates")
+    v.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .pt")
+    v.add_argument("--bin", nargs="*", default=[], help="insightface .bin pair files")
+    v.add_argument("--ijb", default=None, help="IJB-layout folder (meta/ + features or images)")
+    v.add_argument("--json", default=None, help="write results here")
+    v.add_argument("--batch-size", type=int, default=128)
+    v.add_argument("--nfolds", type=int, default=10)
+    v.set_defaults(func=cmd_eval)
+
+    try:
+        from fr_dist.data.cli import add_data_commands
+    except ImportError:  # pragma: no cover - the data package is part of fr_dist
+        add_data_commands = None
+    if add_data_commands is not None:
+        d = sub.add_parser("data", help="RecordIO tools: pack, info, synth")
+        add_data_commands(d.add_subparsers(dest="data_command", required=True))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:  # config and data errors: one clear line, no traceback wall
+        from fr_dist.train.config import ConfigError
+
+        if isinstance(e, ConfigError):
+            print(f"fr-dist: config error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

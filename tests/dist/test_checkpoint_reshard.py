@@ -1,0 +1,157 @@
+"""Classifier shards and their optimizer state re-shard across world sizes bit-exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fr_dist.heads import PartialFCHead, SphereFace2Head
+from fr_dist.sharding import assemble, class_range
+from fr_dist.testing import spawn_gloo
+from fr_dist.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.dist
+K, D, B = 23, 6, 4
+
+
+def _make(kind):
+    if kind == "sf2":
+        return SphereFace2Head(D, K, seed=3)
+    return PartialFCHead(D, K, sample_rate=0.5, seed=3)
+
+
+def _opt(head, name):
+    if name == "sgd":
+        return torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    return torch.optim.AdamW(head.parameters(), lr=0.01)
+
+
+def _state_rows(head, opt):
+    st = opt.state.get(head.weight, {})
+    return {k: v.clone() for k, v in st.items() if torch.is_tensor(v) and v.dim() == 2}
+
+
+def _save_fn(rank, world, folder, kind, optname):
+    head = _make(kind)
+    opt = _opt(head, optname)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        loss = head(torch.randn(B, D, generator=g), torch.randint(0, K, (B,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt.save_head_shard(head, opt, Path(folder), rank)
+    return dict(
+        start=head.class_start,
+        weight=head.weight.detach().clone(),
+        rows=_state_rows(head, opt),
+        bias_state={k: v for k, v in opt.state[head.bias].items()}
+        if hasattr(head, "bias")
+        else None,
+    )
+
+
+def _load_fn(rank, world, folder, kind, optname):
+    head = _make(kind)
+    opt = _opt(head, optname)
+    ckpt.load_head_shard(head, opt, Path(folder))
+    out = dict(
+        start=head.class_start,
+        n=head.num_local,
+        weight=head.weight.detach().clone(),
+        rows=_state_rows(head, opt),
+    )
+    # training continues after the load
+    loss = head(torch.randn(B, D), torch.randint(0, K, (B,)))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    out["finite"] = bool(torch.isfinite(head.weight).all())
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind,optname,w_save,w_load",
+    [("sf2", "sgd", 2, 1), ("sf2", "sgd", 2, 3), ("pfc", "adamw", 4, 3), ("sf2", "adamw", 3, 5)],
+)
+def test_reshard_bit_identical(tmp_path, kind, optname, w_save, w_load):
+    saved = spawn_gloo(_save_fn, w_save, args=(str(tmp_path), kind, optname))
+    loaded = spawn_gloo(_load_fn, w_load, args=(str(tmp_path), kind, optname))
+    full_w = assemble([s["weight"] for s in saved], [s["start"] for s in saved], K)
+    torch.testing.assert_close(
+        assemble([r["weight"] for r in loaded], [r["start"] for r in loaded], K),
+        full_w,
+        rtol=0,
+        atol=0,
+    )
+    for key in saved[0]["rows"]:
+        full = assemble([s["rows"][key] for s in saved], [s["start"] for s in saved], K)
+        got = assemble([r["rows"][key] for r in loaded], [r["start"] for r in loaded], K)
+        torch.testing.assert_close(got, full, rtol=0, atol=0)
+    assert all(r["finite"] for r in loaded)
+
+
+def test_reshard_to_zero_class_ranks(tmp_path):
+    """K=3 saved on 1 rank, loaded on 4 ranks (rank 3 owns nothing)."""
+    head = SphereFace2Head(D, 3, seed=1)
+    opt = _opt(head, "sgd")
+    head(torch.randn(B, D), torch.randint(0, 3, (B,))).backward()
+    opt.step()
+    ckpt.save_head_shard(head, opt, tmp_path, 0)
+
+    for rank in range(4):
+        h = SphereFace2Head(D, 3, seed=9)
+        h.rank, h.world_size = rank, 4
+        h.class_start, h.num_local = class_range(3, rank, 4)
+        h.weight = torch.nn.Parameter(torch.zeros(h.num_local, D))
+        o = _opt(h, "sgd")
+        ckpt.load_head_shard(h, o, tmp_path)
+        torch.testing.assert_close(
+            h.weight.detach(), head.weight.detach()[h.class_start : h.class_start + h.num_local]
+        )
+        torch.testing.assert_close(h.bias.detach(), head.bias.detach())
+
+
+def test_refuses_mismatched_num_classes(tmp_path):
+    head = SphereFace2Head(D, K)
+    ckpt.save_head_shard(head, _opt(head, "sgd"), tmp_path, 0)
+    other = SphereFace2Head(D, K + 1)
+    with pytest.raises(ckpt.CheckpointError, match="num_classes=23.*has 24"):
+        ckpt.load_head_shard(other, None, tmp_path)
+    other = SphereFace2Head(D + 1, K)
+    with pytest.raises(ckpt.CheckpointError, match="embedding_size"):
+        ckpt.load_head_shard(other, None, tmp_path)
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    head = SphereFace2Head(D, K)
+    for step in (10, 20):
+        tmp = ckpt.tmp_dir(run, step)
+        tmp.mkdir(parents=True)
+        ckpt.save_head_shard(head, _opt(head, "sgd"), tmp, 0)
+        if step == 20:
+            # the writer dies before publishing: the rename never happens
+            real = ckpt.os.replace
+
+            def dying(src, dst, real=real):
+                if str(dst).endswith("/20"):
+                    raise KeyboardInterrupt("killed during save")
+                return real(src, dst)
+
+            monkeypatch.setattr(ckpt.os, "replace", dying)
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.finalize(run, step, {})
+            monkeypatch.setattr(ckpt.os, "replace", real)
+        else:
+            ckpt.finalize(run, step, {})
+    assert ckpt.latest_checkpoint(run).name == "10"
+    ckpt.load_head_shard(SphereFace2Head(D, K), None, ckpt.latest_checkpoint(run))
+    # a half-written file inside a tmp folder is equally ignored, and pruned by the next save
+    (ckpt.tmp_dir(run, 30)).mkdir()
+    (ckpt.tmp_dir(run, 30) / "head_rank0.pt.part").write_bytes(b"\x00" * 10)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["10"]
+    ckpt.prune(run, keep=3)
+    assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())

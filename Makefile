@@ -1,0 +1,39 @@
+# fr_dist: `make demo` (set up + 2-rank CPU training on the synthetic RecordIO set), `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= test,deepspeed,dali
+NPROC ?= 2
+DEMO_CONFIG ?= configs/demo_cpu.yaml
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo demo-pfc test lint bench-smoke clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# the CPU wheel of torch 2.13.0 (a plain `torch` would pull a multi-GB CUDA build)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m fr_dist.cli train \
+		--config $(DEMO_CONFIG) $(DEMO_ARGS)
+
+demo-pfc:
+	$(MAKE) demo DEMO_CONFIG=configs/demo_cpu_pfc.yaml
+
+test: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check fr_dist tests benchmarks && $(VENV)/bin/ruff format --check fr_dist tests benchmarks
+
+bench-smoke: $(VENV)/.installed
+	$(PY) benchmarks/classifier.py --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

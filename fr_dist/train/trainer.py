@@ -19,17 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fr_dist.train.config import Config, save_config
-from fr_dist.train.logging import MetricsLogger, Throughput, format_progress
-from fr_dist.train.optim import build_optimizer, param_groups
-from fr_dist.train.schedule import build_scheduler
 
 from fr_dist import comm
 from fr_dist.heads import create_head
 from fr_dist.models import create_backbone
 from fr_dist.runtime import DistEnv
 from fr_dist.train import checkpoint as ckpt
+from fr_dist.train.config import Config, save_config
 from fr_dist.train.engines import BackboneEngine, ParallelDims, apply_channels_last, apply_ddp
+from fr_dist.train.logging import MetricsLogger, Throughput, format_progress
+from fr_dist.train.optim import build_optimizer, param_groups
+from fr_dist.train.schedule import build_scheduler
 
 __all__ = ["Trainer", "head_kwargs"]
 

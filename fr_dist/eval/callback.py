@@ -1,0 +1,67 @@
+"""In-training verification on insightface ``.bin`` pair files (every ``eval.every`` steps).
+
+Every rank embeds a slice of each set and the embeddings are all-gathered, so no rank idles
+and no collective times out. The pair images are decoded once and kept in memory. When the
+mean accuracy improves, rank 0 keeps the backbone in ``RUN/best/backbone.pt`` with the results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fr_dist import comm
+
+__all__ = ["VerificationCallback", "normalize_rows"]
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class VerificationCallback:
+    """``callback(backbone) -> {set_name: {accuracy, accuracy_std, threshold, ...}}`` (flip protocol)."""
+
+    def __init__(self, eval_cfg, device: torch.device, output_dir, group=None):
+        from fr_dist.eval.verification import load_bin
+
+        self.cfg, self.device, self.out = eval_cfg, device, Path(output_dir)
+        self.group = comm.resolve_group(group)
+        self.rank, self.world = comm.world_info(self.group)
+        self.sets = {Path(p).stem: load_bin(p) for p in eval_cfg.bins}  # name -> (images, issame)
+        self.best = -1.0
+
+    @torch.no_grad()
+    def __call__(self, backbone) -> dict:
+        from fr_dist.eval.verification import embed_images, evaluate_pairs
+
+        was_training = backbone.training
+        backbone.eval()
+        results = {}
+        for name, (images, issame) in self.sets.items():
+            noflip, flipsum = embed_images(
+                backbone,
+                images,
+                batch_size=self.cfg.batch_size,
+                device=self.device,
+                flip=self.cfg.flip,
+                rank=self.rank,
+                world_size=self.world,
+                group=self.group,
+            )
+            emb = normalize_rows(flipsum if self.cfg.flip else noflip)  # [2N, D]
+            res = evaluate_pairs(emb[0::2], emb[1::2], issame, nfolds=self.cfg.nfolds)
+            results[name] = {k: float(v) for k, v in res.items() if np.isscalar(v)}
+        backbone.train(was_training)
+        acc = float(np.mean([r["accuracy"] for r in results.values()])) if results else -1.0
+        if self.rank == 0 and self.cfg.keep_best and acc > self.best:
+            self.best = acc
+            best = self.out / "best"
+            best.mkdir(parents=True, exist_ok=True)
+            torch.save(backbone.state_dict(), best / "backbone.pt.part")
+            (best / "backbone.pt.part").replace(best / "backbone.pt")
+            (best / "eval.json").write_text(json.dumps(results, indent=1))
+        return results

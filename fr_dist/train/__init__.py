@@ -1,0 +1,1 @@
+"""Training: config, optimisers and schedules, engines, the trainer loop, checkpoints, logging."""

@@ -299,15 +299,11 @@ def save_trainer(tr) -> Path:
     atomic_save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         sampler_state = dict(tr.loader.sampler.state_dict())
-        sampler_state.update(
-            epoch=tr.epoch,
-            consumed_global=tr.micro_in_epoch * tr.cfg.data.batch_size * tr.env.world_size,
-        )
+        sampler_state.update(epoch=tr.epoch, consumed_global=tr.consumed)
         atomic_save(
             dict(
                 step=step,
                 epoch=tr.epoch,
-                micro_in_epoch=tr.micro_in_epoch,
                 world_size=tr.env.world_size,
                 global_batch=tr.cfg.data.batch_size * tr.env.world_size,
                 sched_bb=tr.sched_bb.state_dict(),
@@ -386,7 +382,7 @@ def load_trainer(tr, path) -> None:
             stacklevel=1,
         )
     tr.loader.sampler.load_state_dict(st["sampler"])
-    tr.micro_in_epoch = st["sampler"]["consumed_global"] // gb
+    tr.consumed = st["sampler"]["consumed_global"]
     rng = path / f"rng_rank{tr.env.rank}.pt"
     if rng.exists() and st["world_size"] == tr.env.world_size:
         set_rng_state(torch.load(rng, weights_only=False))

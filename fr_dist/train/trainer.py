@@ -128,7 +128,7 @@ class Trainer:
         use_scaler = t.amp == "fp16" and device.type == "cuda" and cfg.engine == "ddp"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-        self.step, self.epoch, self.micro_in_epoch, self.nonfinite = 0, 0, 0, 0
+        self.step, self.epoch, self.consumed, self.nonfinite = 0, 0, 0, 0
         self.best_acc = -1.0
         self.log = MetricsLogger(self.out, env.rank, tensorboard=t.tensorboard)
         self.evaluator = None
@@ -147,15 +147,16 @@ class Trainer:
             return self.head(emb.float(), labels)
 
     def _batches(self):
-        """Endless (images, labels) stream; counts consumed micro-batches so the sampler resumes exactly."""
-        resumed = self.micro_in_epoch > 0
+        """Endless (images, labels) stream; counts consumed samples so the sampler resumes exactly."""
+        resumed = self.consumed > 0
+        global_batch = self.cfg.data.batch_size * self.env.world_size
         while True:
             if not resumed:
                 self.loader.sampler.set_epoch(self.epoch)
-                self.micro_in_epoch = 0
+                self.consumed = 0
             resumed = False
             for batch in self.loader:
-                self.micro_in_epoch += 1
+                self.consumed += global_batch
                 yield batch
             self.epoch += 1
 

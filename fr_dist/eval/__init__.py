@@ -1,0 +1,1 @@
+"""Evaluation: pair verification (.bin), IJB-style templates, in-training callbacks."""

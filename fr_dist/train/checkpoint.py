@@ -371,8 +371,11 @@ def load_trainer(tr, path) -> None:
         st["best_acc"],
         st["nonfinite"],
     )
-    tr.sched_bb.load_state_dict(st["sched_bb"])
-    tr.sched_head.load_state_dict(st["sched_head"])
+    for sched, key in ((tr.sched_bb, "sched_bb"), (tr.sched_head, "sched_head")):
+        sched.load_state_dict(st[key])
+        # a scheduler's state does not hold its optimizer's current lr: put it back explicitly
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
     tr.scaler.load_state_dict(st["scaler"])
     gb = tr.cfg.data.batch_size * tr.env.world_size
     if st["global_batch"] != gb:

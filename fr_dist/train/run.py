@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fr_dist.train.config import Config, ConfigError, validate_against_dataset
 
-__all__ = ["run_training", "dataset_num_classes"]
+__all__ = ["run_training", "build_trainer", "dataset_num_classes"]
 
 
 def dataset_num_classes(rec_path: str) -> tuple[int, int]:
@@ -24,42 +24,51 @@ def dataset_num_classes(rec_path: str) -> tuple[int, int]:
     return rec.num_classes, rec.num_images
 
 
+def build_trainer(cfg: Config, env, device):
+    """Loader + Trainer (+ verification callback) of this rank; the runtime is already initialised."""
+    from fr_dist.data import build_train_loader
+    from fr_dist.train.trainer import Trainer
+
+    k_data, _ = dataset_num_classes(cfg.data.rec)
+    validate_against_dataset(cfg, k_data, k_data - 1)
+    loader = build_train_loader(
+        cfg.data.rec,
+        rank=env.rank,
+        world_size=env.world_size,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        drop_last=cfg.data.drop_last,
+        backend=cfg.data.loader,
+        flip=cfg.data.flip,
+    )
+    trainer = Trainer(cfg, env, device, loader, cfg.data.num_classes or k_data)
+    if cfg.eval.bins:
+        from fr_dist.eval.callback import VerificationCallback
+
+        trainer.evaluator = VerificationCallback(cfg.eval, device, cfg.output_dir)
+    return trainer
+
+
 def run_training(cfg: Config, exit_process: bool = True) -> int:
     """Train per ``cfg``; under torchrun/srun every rank runs this. Exits via runtime.shutdown."""
     k_data, n_images = dataset_num_classes(cfg.data.rec)
     validate_against_dataset(cfg, k_data, k_data - 1)  # before any process group starts
     num_classes = cfg.data.num_classes or k_data
 
-    from fr_dist.data import build_train_loader
     from fr_dist.runtime import init_distributed, shutdown
-    from fr_dist.train.trainer import Trainer
 
     code = 0
     try:
         env, device = init_distributed(cfg.device)
-        loader = build_train_loader(
-            cfg.data.rec,
-            rank=env.rank,
-            world_size=env.world_size,
-            batch_size=cfg.data.batch_size,
-            seed=cfg.seed,
-            num_workers=cfg.data.num_workers,
-            device=device,
-            drop_last=cfg.data.drop_last,
-            backend=cfg.data.loader,
-            flip=cfg.data.flip,
-        )
         if env.is_main:
             print(
                 f"fr_dist: {env.world_size} rank(s) on {device}, {n_images} images, {num_classes} classes, "
                 f"head={cfg.head.name}, backbone={cfg.model.name}, engine={cfg.engine}, amp={cfg.train.amp}",
                 flush=True,
             )
-        trainer = Trainer(cfg, env, device, loader, num_classes)
-        if cfg.eval.bins:
-            from fr_dist.eval.callback import VerificationCallback
-
-            trainer.evaluator = VerificationCallback(cfg.eval, device, cfg.output_dir)
+        trainer = build_trainer(cfg, env, device)
         results = trainer.fit()
         if env.is_main:
             out = Path(cfg.output_dir) / "results.json"

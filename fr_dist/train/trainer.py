@@ -223,7 +223,8 @@ class Trainer:
         ckpt.load_trainer(self, path)
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> dict:
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to ``total_steps`` (or stop after step ``stop_at``, e.g. before a preemption)."""
         cfg, t, rank0 = self.cfg, self.cfg.train, self.env.is_main
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -242,36 +243,15 @@ class Trainer:
         meter = Throughput()
         last = {}
         t_start = time.time()
-        while self.step < self.total_steps:
+        end = min(self.total_steps, stop_at or self.total_steps)
+        while self.step < end:
             comm.reset_comm_stats()
             t0 = time.perf_counter()
             out = self.train_step(batches)
             meter.update(out["images"], time.perf_counter() - t0)
             last = out
-            if self.step % t.log_every == 0 or self.step == self.total_steps:
-                scalars = dict(
-                    loss=out["loss"],
-                    lr=self.sched_bb.get_last_lr()[0],
-                    images_per_s=meter.rate,
-                    grad_norm=out["grad_norm"],
-                    epoch=self.epoch,
-                )
-                if hasattr(self.head, "bias"):
-                    scalars["sf2_bias"] = float(self.head.bias.detach())
-                if rank0:
-                    print(
-                        format_progress(
-                            self.step,
-                            self.total_steps,
-                            self.epoch,
-                            out["loss"],
-                            scalars["lr"],
-                            meter.rate,
-                            meter.eta(self.total_steps - self.step),
-                        ),
-                        flush=True,
-                    )
-                self.log.log(self.step, **scalars)
+            if self.step % t.log_every == 0 or self.step == end:
+                self._log_step(out, meter)
             if self.evaluator is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
                 self.run_eval()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
@@ -290,6 +270,25 @@ class Trainer:
             results["eval"] = self.run_eval()
         self.log.close()
         return results
+
+    def _log_step(self, out: dict, meter: Throughput) -> None:
+        lr = self.sched_bb.get_last_lr()[0]
+        scalars = dict(
+            loss=out["loss"],
+            lr=lr,
+            images_per_s=meter.rate,
+            grad_norm=out["grad_norm"],
+            epoch=self.epoch,
+        )
+        if hasattr(self.head, "bias"):
+            scalars["sf2_bias"] = float(self.head.bias.detach())
+        if self.env.is_main:
+            eta = meter.eta(self.total_steps - self.step)
+            line = format_progress(
+                self.step, self.total_steps, self.epoch, out["loss"], lr, meter.rate, eta
+            )
+            print(line, flush=True)
+        self.log.log(self.step, **scalars)
 
     def run_eval(self) -> dict:
         res = self.evaluator(self.bb.bare)

@@ -69,7 +69,12 @@ def _backbone_state(folder: Path) -> dict:
     if ds.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ds), tag="engine")
+        # module states (every key, buffers and frozen params included, in the training dtype),
+        # overlaid with the fp32 master weights reassembled from the ZeRO partitions
+        states = sorted((ds / "engine").glob("mp_rank_*_model_states.pt"))
+        sd = dict(torch.load(states[0], map_location="cpu", weights_only=False)["module"]) if states else {}
+        sd.update(get_fp32_state_dict_from_zero_checkpoint(str(ds), tag="engine"))
+        return {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
     raise ckpt.CheckpointError(f"{folder}: neither backbone.pt nor a deepspeed/ checkpoint")
 
 

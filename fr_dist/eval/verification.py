@@ -1,115 +1,237 @@
 """Pair verification exactly as insightface ``eval/verification.py`` (LFW / CFP-FP / AgeDB-30 ``.bin``).
 
-* 10 folds in order (no shuffle); squared L2 distance thresholds ``0:4:0.01``; the threshold with
-  the best accuracy on 9 folds is tested on the 10th; accuracy mean +- std and the mean best
-  threshold are reported.
-* VAL at FAR = 1e-3 (insightface ``calculate_val``: per fold, the threshold giving the target FAR
-  on the training folds by linear interpolation, VAL/FAR measured on the test fold).
-* ROC AUC and EER from cosine similarities, as OpenSphere reports them.
+* Accuracy (``calculate_roc``): 10 folds in order (sklearn ``KFold(shuffle=False)``), squared L2
+  distance between L2-normalised embeddings, pair predicted "same" when ``dist < threshold``,
+  thresholds ``np.arange(0, 4, 0.01)``; per fold the first threshold with the best accuracy on
+  the 9 training folds is applied to the held-out fold. Reported: mean and (population) std of the
+  10 fold accuracies, and the mean of the chosen thresholds.
+* VAL at FAR = 1e-3 (``calculate_val``): thresholds ``np.arange(0, 4, 0.001)``; per fold the
+  threshold giving FAR = 1e-3 on the training folds by ``scipy.interpolate.interp1d(far, thr,
+  kind='slinear')`` (reimplemented, 0.0 when the training FAR never reaches the target), then
+  VAL and FAR measured on the held-out fold; mean VAL, its std and the mean FAR.
+* ROC AUC and EER from cosine similarities, as OpenSphere ``get_metrics`` computes them
+  (sklearn ``roc_curve`` + ``auc``; EER = the FPR where ``1 - fpr = tpr`` on the linearly
+  interpolated ROC, i.e. its ``brentq`` root, solved exactly here). OpenSphere prints them x100;
+  here they are fractions like the accuracy.
 * The "flip" protocol: the embedding of an image plus that of its mirror, L2-normalised.
+
+No scipy / sklearn needed; ``tests/unit/test_verification.py`` checks closed-form cases.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from fr_dist import comm
 
-__all__ = ["evaluate_pairs", "load_bin", "embed_images", "verify_bin", "roc_curve", "auc_eer"]
+__all__ = [
+    "evaluate_pairs",
+    "load_bin",
+    "embed_images",
+    "verify_bin",
+    "kfold_splits",
+    "roc_curve",
+    "auc_eer",
+    "interp1d_slinear",
+    "l2_normalize",
+    "ACC_THRESHOLDS",
+    "VAL_THRESHOLDS",
+]
+
+ACC_THRESHOLDS = np.arange(0, 4, 0.01)
+"""insightface ``evaluate``: thresholds for the accuracy (squared L2 distance)."""
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)
+"""insightface ``evaluate``: thresholds for VAL@FAR."""
 
 
-def _kfold(n: int, nfolds: int):
-    """sklearn KFold(n_splits, shuffle=False): first n % k folds are one longer."""
-    sizes = np.full(nfolds, n // nfolds, dtype=int)
-    sizes[: n % nfolds] += 1
+# ----------------------------------------------------------------------------- primitives
+def kfold_splits(n: int, nfolds: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index arrays of sklearn ``KFold(nfolds, shuffle=False)``; insightface's
+    ``LFold`` with ``nfolds == 1`` trains and tests on everything."""
+    if nfolds < 1:
+        raise ValueError(f"nfolds must be >= 1, got {nfolds}")
     idx = np.arange(n)
+    if nfolds == 1:
+        yield idx, idx
+        return
+    if n < nfolds:
+        raise ValueError(f"{n} pairs cannot be split into {nfolds} folds")
+    sizes = np.full(nfolds, n // nfolds, dtype=np.int64)
+    sizes[: n % nfolds] += 1  # the first n % k folds are one longer
     start = 0
     for s in sizes:
-        test = idx[start : start + s]
-        train = np.concatenate([idx[:start], idx[start + s :]])
-        yield train, test
+        yield np.concatenate([idx[:start], idx[start + s :]]), idx[start : start + s]
         start += s
 
 
-def _accuracy(threshold, dist, actual):
-    predict = dist < threshold
-    tp = np.sum(predict & actual)
-    tn = np.sum(~predict & ~actual)
-    fp = np.sum(predict & ~actual)
-    fn = np.sum(~predict & actual)
-    tpr = 0.0 if tp + fn == 0 else tp / (tp + fn)
-    fpr = 0.0 if fp + tn == 0 else fp / (fp + tn)
-    return tpr, fpr, (tp + tn) / dist.size
+def _counts_below(sorted_values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """``[sum(values < t) for t in thresholds]`` for sorted ``values``."""
+    return np.searchsorted(sorted_values, thresholds, side="left")
 
 
-def _val_far(threshold, dist, actual):
-    predict = dist < threshold
-    ta = np.sum(predict & actual)
-    fa = np.sum(predict & ~actual)
-    n_same, n_diff = np.sum(actual), np.sum(~actual)
-    val = ta / n_same if n_same else 0.0
-    far = fa / n_diff if n_diff else 0.0
+def _rates(thresholds, dist, actual):
+    """Per threshold: (true accepts, false accepts, #same, #diff) with accept = ``dist < t``."""
+    same = np.sort(dist[actual])
+    diff = np.sort(dist[~actual])
+    return _counts_below(same, thresholds), _counts_below(diff, thresholds), same.size, diff.size
+
+
+def _accuracies(thresholds, dist, actual) -> np.ndarray:
+    """insightface ``calculate_accuracy`` accuracy for every threshold: (TP + TN) / n."""
+    tp, fp, _, n_diff = _rates(thresholds, dist, actual)
+    return (tp + (n_diff - fp)) / dist.size
+
+
+def _val_far(thresholds, dist, actual) -> tuple[np.ndarray, np.ndarray]:
+    """insightface ``calculate_val_far`` for every threshold (0 where a class is absent)."""
+    ta, fa, n_same, n_diff = _rates(np.atleast_1d(thresholds), dist, actual)
+    val = ta / n_same if n_same else np.zeros(ta.shape)
+    far = fa / n_diff if n_diff else np.zeros(fa.shape)
     return val, far
 
 
-def _interp(x, xp, fp):
-    """scipy interp1d(xp, fp, kind='slinear') at x; insightface only calls it when max(far) >= target."""
-    order = np.argsort(xp, kind="stable")
-    return float(np.interp(x, np.asarray(xp)[order], np.asarray(fp)[order]))
+def interp1d_slinear(x_new: float, x: np.ndarray, y: np.ndarray) -> float:
+    """``scipy.interpolate.interp1d(x, y, kind='slinear')(x_new)`` for ``x[0] <= x_new <= x[-1]``
+    after a stable sort of ``x`` (duplicates allowed, as insightface's FAR curve has).
+
+    scipy builds a degree-1 B-spline with knots ``[x0, x0, x1, ..., xn, xn]``: between distinct
+    values it interpolates from the *last* point of the lower run to the *first* of the upper
+    one; at a repeated value it gives the last point's y; at a repeated maximum (an empty last
+    knot interval) it gives 0.
+    """
+    order = np.argsort(x, kind="mergesort")
+    xs, ys = np.asarray(x, dtype=np.float64)[order], np.asarray(y, dtype=np.float64)[order]
+    if not xs[0] <= x_new <= xs[-1]:
+        raise ValueError(f"x_new={x_new} outside the interpolation range [{xs[0]}, {xs[-1]}]")
+    if xs.size == 1:
+        return float(ys[0])
+    lo = int(np.clip(np.searchsorted(xs, x_new, side="right") - 1, 0, xs.size - 2))
+    x0, x1 = xs[lo], xs[lo + 1]
+    if x1 == x0:
+        return 0.0
+    w = 1.0 / (x1 - x0)  # de Boor's degree-1 step, in scipy's operation order
+    return float(0.0 + ys[lo] * (w * (x1 - x_new)) + ys[lo + 1] * (w * (x_new - x0)))
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray):
-    """(fpr, tpr, thresholds) over decreasing score thresholds (sklearn semantics, no drop)."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order].astype(bool)
+def roc_curve(labels, scores, drop_intermediate: bool = True):
+    """``sklearn.metrics.roc_curve(labels, scores)``: (fpr, tpr, thresholds), score >= thr accepted.
+
+    Points ordered by decreasing threshold, starting at (0, 0) with threshold ``inf``;
+    ``drop_intermediate`` removes collinear points as sklearn does (insightface's IJB table
+    depends on it). ``fpr`` (``tpr``) is NaN when there are no negatives (positives).
+    """
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
+    if s.size == 0:
+        raise ValueError("roc_curve needs at least one score")
+    order = np.argsort(s, kind="mergesort")[::-1]  # decreasing score, as sklearn
+    s, y = s[order], y[order]
     distinct = np.where(np.diff(s))[0]
-    idx = np.r_[distinct, y.size - 1]
-    tps = np.cumsum(y)[idx]
+    idx = np.r_[distinct, y.size - 1]  # last index of each tie group
+    tps = np.cumsum(y, dtype=np.float64)[idx]
     fps = 1 + idx - tps
+    thresholds = s[idx]
+    if drop_intermediate and fps.size > 2:
+        keep = np.where(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
     tps, fps = np.r_[0, tps], np.r_[0, fps]
-    P, N = max(y.sum(), 1), max((~y).sum(), 1)
-    return fps / N, tps / P, np.r_[np.inf, s[idx]]
+    thresholds = np.r_[np.inf, thresholds]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fpr = fps / fps[-1] if fps[-1] > 0 else np.full(fps.shape, np.nan)
+        tpr = tps / tps[-1] if tps[-1] > 0 else np.full(tps.shape, np.nan)
+    return fpr, tpr, thresholds
 
 
-def auc_eer(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+def _eer_from_roc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Root of ``1 - x - interp(x, fpr, tpr)`` on [0, 1] (OpenSphere's ``brentq``), exactly.
+
+    ``np.interp`` (what scipy's linear ``interp1d`` uses) takes the highest TPR at a repeated
+    FPR; between FPR values it joins the top of one vertical run to the bottom of the next, so
+    the root is either inside such a segment or at a vertical jump.
+    """
+    xs = np.unique(fpr)
+    top = np.interp(xs, fpr, tpr)  # highest TPR at each FPR
+    g = 1.0 - xs - top
+    k = int(np.argmax(g <= 0))  # first knot where the curve is at or above the diagonal 1 - x
+    if k == 0:
+        return float(xs[0])
+    first = tpr[np.searchsorted(fpr, xs[k], side="left")]  # lowest TPR at xs[k]
+    g_left, g_right = g[k - 1], 1.0 - xs[k] - first
+    if g_right > 0:  # no crossing on the open segment: the jump at xs[k] crosses
+        return float(xs[k])
+    return float(xs[k - 1] + g_left * (xs[k] - xs[k - 1]) / (g_left - g_right))
+
+
+def auc_eer(labels, scores) -> tuple[float, float]:
+    """(ROC AUC, EER) as OpenSphere's ``get_metrics`` (fractions; NaN without both classes)."""
     fpr, tpr, _ = roc_curve(labels, scores)
-    auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
-    fnr = 1 - tpr
-    i = int(np.nanargmin(np.abs(fnr - fpr)))
-    eer = float((fpr[i] + fnr[i]) / 2)
-    return auc, eer
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        return float("nan"), float("nan")
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(tpr, fpr)), _eer_from_roc(fpr, tpr)
 
 
-def evaluate_pairs(emb1: np.ndarray, emb2: np.ndarray, issame, nfolds: int = 10, far_target: float = 1e-3) -> dict:
-    """insightface 10-fold verification on L2-normalised embeddings [N, D] of the two sides."""
-    emb1, emb2 = np.asarray(emb1, dtype=np.float64), np.asarray(emb2, dtype=np.float64)
-    actual = np.asarray(issame, dtype=bool)
-    n = min(len(actual), emb1.shape[0])
-    if n < nfolds:
-        raise ValueError(f"{n} pairs cannot be split into {nfolds} folds")
-    dist = np.sum(np.square(emb1[:n] - emb2[:n]), axis=1)  # squared L2
-    actual = actual[:n]
-    thresholds = np.arange(0, 4, 0.01)
-    accs, best_th, vals, fars = [], [], [], []
-    for train, test in _kfold(n, nfolds):
-        acc_train = np.array([_accuracy(t, dist[train], actual[train])[2] for t in thresholds])
-        bi = int(np.argmax(acc_train))
-        best_th.append(thresholds[bi])
-        accs.append(_accuracy(thresholds[bi], dist[test], actual[test])[2])
-        far_train = np.array([_val_far(t, dist[train], actual[train])[1] for t in thresholds])
-        th = _interp(far_target, far_train, thresholds) if np.max(far_train) >= far_target else 0.0
-        v, f = _val_far(th, dist[test], actual[test])
-        vals.append(v)
-        fars.append(f)
-    cos = np.sum(emb1[:n] * emb2[:n], axis=1)
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (sklearn ``preprocessing.normalize``: zero rows stay 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm == 0, 1.0, norm)
+
+
+# ----------------------------------------------------------------------------- protocol
+def evaluate_pairs(
+    emb1: np.ndarray,
+    emb2: np.ndarray,
+    issame,
+    nfolds: int = 10,
+    far_target: float = 1e-3,
+) -> dict:
+    """insightface 10-fold verification of pairs (``emb1[i]``, ``emb2[i]``), [N, D] each.
+
+    The embeddings should be L2-normalised (the thresholds assume squared distances in [0, 4]).
+
+    Returns python floats: ``accuracy``, ``accuracy_std``, ``threshold`` (mean best squared-L2
+    threshold), ``val_at_far_1e-3`` (VAL at ``far_target``), ``val_std``, ``far`` (mean test
+    FAR at the VAL thresholds), ``auc``, ``eer``; and ``pairs`` (int).
+    """
+    emb1 = np.asarray(emb1, dtype=np.float64)
+    emb2 = np.asarray(emb2, dtype=np.float64)
+    actual = np.asarray(issame).astype(bool).ravel()
+    if emb1.ndim != 2 or emb1.shape != emb2.shape:
+        raise ValueError(f"emb1 {emb1.shape} and emb2 {emb2.shape} must both be [N, D]")
+    if emb1.shape[0] != actual.size:
+        raise ValueError(f"{emb1.shape[0]} embedding pairs but {actual.size} issame labels")
+    n = actual.size
+    dist = np.sum(np.square(emb1 - emb2), axis=1)  # [N] squared L2
+
+    accs, best_thresholds, vals, fars = [], [], [], []
+    for train, test in kfold_splits(n, nfolds):
+        # calculate_roc: first best threshold on the training folds, applied to the test fold
+        acc_train = _accuracies(ACC_THRESHOLDS, dist[train], actual[train])
+        best = ACC_THRESHOLDS[int(np.argmax(acc_train))]
+        best_thresholds.append(best)
+        accs.append(_accuracies(np.array([best]), dist[test], actual[test])[0])
+        # calculate_val: threshold reaching FAR = far_target on the training folds
+        _, far_train = _val_far(VAL_THRESHOLDS, dist[train], actual[train])
+        if np.max(far_train) >= far_target:
+            threshold = interp1d_slinear(far_target, far_train, VAL_THRESHOLDS)
+        else:
+            threshold = 0.0
+        v, f = _val_far(threshold, dist[test], actual[test])
+        vals.append(v[0])
+        fars.append(f[0])
+
+    cos = np.sum(emb1 * emb2, axis=1)  # [N] cosine similarity of the normalised embeddings
     auc, eer = auc_eer(actual, cos)
     return {
         "accuracy": float(np.mean(accs)),
         "accuracy_std": float(np.std(accs)),
-        "threshold": float(np.mean(best_th)),
+        "threshold": float(np.mean(best_thresholds)),
         "val_at_far_1e-3": float(np.mean(vals)),
         "val_std": float(np.std(vals)),
         "far": float(np.mean(fars)),
@@ -119,73 +241,117 @@ def evaluate_pairs(emb1: np.ndarray, emb2: np.ndarray, issame, nfolds: int = 10,
     }
 
 
+# ----------------------------------------------------------------------------- .bin files
 def load_bin(path, image_size=(112, 112)) -> tuple[np.ndarray, np.ndarray]:
-    """Decode an insightface .bin: (uint8 RGB images [2N, H, W, 3], issame bool [N])."""
-    import cv2
+    """Decode an insightface ``.bin``: (uint8 RGB images [2N, H, W, 3], issame bool [N]).
 
+    Images ``2i`` and ``2i + 1`` form pair ``i``; images of another size are resized (bilinear).
+    """
     from fr_dist.data.image import decode_image
     from fr_dist.data.pairs import read_bin
 
     bins, issame = read_bin(path)
-    h, w = image_size
+    h, w = int(image_size[0]), int(image_size[1])
     out = np.empty((len(bins), h, w, 3), dtype=np.uint8)
     for i, b in enumerate(bins):
         try:
             img = decode_image(b)
         except Exception as e:
-            raise ValueError(f"{path}: image {i} cannot be decoded ({e})") from None
+            raise ValueError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from None
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"{path}: image {i} decoded to shape {img.shape}, expected HxWx3")
         if img.shape[:2] != (h, w):
+            import cv2
+
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
         out[i] = img
     return out, np.asarray(issame, dtype=bool)
 
 
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP / DataParallel
+
+
 @torch.no_grad()
-def embed_images(model, images: np.ndarray, batch_size: int = 128, device="cpu", flip: bool = True,
-                 rank: int = 0, world_size: int = 1, group=None) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings [N, D], embeddings + flipped-image embeddings [N, D]); rank r embeds a slice.
+def embed_images(
+    model,
+    images: np.ndarray,
+    batch_size: int = 128,
+    device="cpu",
+    flip: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    group=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed uint8 RGB ``images`` [N, H, W, 3] -> (embeddings [N, D], embeddings + embeddings of
+    the mirrored images [N, D]), float32, not normalised; every rank returns all N rows.
 
-    The slices are padded to equal length and all-gathered, so every rank returns everything.
+    Rank ``r`` of ``world_size`` embeds the contiguous slice ``[r*P, (r+1)*P)`` with
+    ``P = ceil(N / world_size)``; slices are zero-padded to P rows and all-gathered (one
+    collective per call, on every rank), then trimmed. Pixels are scaled as insightface
+    (``(x / 255 - 0.5) / 0.5``). The model runs in eval mode; its mode is restored.
+    With ``flip=False`` the second array is the first.
     """
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"images must be [N, H, W, 3] uint8, got {images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
+    dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed bf16
     n = images.shape[0]
-    per = -(-n // world_size)
+    per = -(-n // world_size) if n else 0
     lo, hi = min(n, rank * per), min(n, (rank + 1) * per)
-    outs, outs_flip = [], []
-    for s in range(lo, hi, batch_size):
-        x = torch.from_numpy(images[s : min(hi, s + batch_size)]).to(device)  # [b, H, W, 3] uint8
-        x = x.permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)  # [b, 3, H, W] in [-1, 1]
-        e = model(x).float()
-        outs.append(e)
-        outs_flip.append(e + model(torch.flip(x, dims=[3])).float() if flip else e)
-    dim = getattr(model, "embedding_size", None) or (outs[0].shape[1] if outs else None)
-    if dim is None:
-        dim = model(torch.zeros(1, 3, images.shape[1], images.shape[2], device=device)).shape[1]
-    mine = torch.cat(outs) if outs else torch.zeros(0, dim, device=device)
-    mine_f = torch.cat(outs_flip) if outs_flip else torch.zeros(0, dim, device=device)
-    pad = per - mine.shape[0]
-    both = torch.cat([mine, mine_f], dim=1)  # [k, 2D]
-    both = torch.cat([both, both.new_zeros(pad, 2 * dim)]) if pad else both  # [per, 2D]
-    allb = comm.all_gather(both, group, name="eval_embeddings")[:n]  # [W*per, 2D] -> [N, 2D]
-    allb = allb.cpu().numpy()
-    return allb[:, :dim], allb[:, dim:]
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
 
-
-def _normalize(x):
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def verify_bin(model, path, device="cpu", batch_size: int = 128, nfolds: int = 10, group=None) -> dict:
-    """{'flip': results, 'noflip': results} for one .bin file."""
-    rank, world = comm.world_info(group)
-    size = getattr(model, "input_size", 112)
-    images, issame = load_bin(path, (size, size))
-    was = model.training
+    was_training = model.training
     model.eval()
-    e, ef = embed_images(model, images, batch_size, device, True, rank, world, group)
-    model.train(was)
+    try:
+        outs = []
+        for s in range(lo, hi, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s : min(hi, s + batch_size)]))
+            x = x.to(device).permute(0, 3, 1, 2).to(dtype)  # [b, H, W, 3] -> [b, 3, H, W]
+            x = x.div(255).sub(0.5).div(0.5)
+            e = model(x).float()  # [b, D]
+            if flip:
+                e = torch.cat([e, e + model(torch.flip(x, dims=[3])).float()], dim=1)  # [b, 2D]
+            outs.append(e)
+        width = outs[0].shape[1] if outs else None
+        if width is None:  # this rank has no images: learn D from one dummy forward
+            probe = torch.zeros(1, 3, images.shape[1], images.shape[2], device=device, dtype=dtype)
+            width = model(probe).shape[1] * (2 if flip else 1)
+        mine = torch.cat(outs) if outs else torch.zeros(0, width, device=device)  # [k, W']
+        if mine.shape[0] < per:
+            mine = torch.cat([mine, mine.new_zeros(per - mine.shape[0], width)])  # [P, W']
+        gathered = comm.all_gather(mine, group, name="eval_embeddings")  # [world*P, W']
+    finally:
+        model.train(was_training)
+    allb = gathered[:n].cpu().numpy()  # [N, W']
+    if not flip:
+        return allb, allb
+    d = width // 2
+    return allb[:, :d], allb[:, d:]
+
+
+def verify_bin(
+    model,
+    path,
+    device="cpu",
+    batch_size: int = 128,
+    nfolds: int = 10,
+    group=None,
+    image_size: Optional[int] = None,
+) -> dict:
+    """Evaluate ``model`` on one ``.bin`` file: ``{"flip": results, "noflip": results}``.
+
+    Collective: every rank of ``group`` must call it (each embeds a slice). ``results`` are
+    :func:`evaluate_pairs` dicts; "flip" is insightface's reported protocol.
+    """
+    rank, world = comm.world_info(group)
+    size = image_size or getattr(_unwrap(model), "input_size", 112)
+    images, issame = load_bin(path, (size, size))
+    noflip, flipsum = embed_images(model, images, batch_size, device, True, rank, world, group)
     out = {}
-    for name, emb in (("flip", _normalize(ef)), ("noflip", _normalize(e))):
-        out[name] = evaluate_pairs(emb[0::2], emb[1::2], issame, nfolds=nfolds)
-    out["name"] = Path(path).stem
+    for name, emb in (("flip", l2_normalize(flipsum)), ("noflip", l2_normalize(noflip))):
+        out[name] = evaluate_pairs(emb[0::2], emb[1::2], issame, nfolds=nfolds)  # [N, D] each
     return out

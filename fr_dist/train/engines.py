@@ -97,7 +97,13 @@ class BackboneEngine:
         return m.module if hasattr(m, "module") and not isinstance(m, nn.Sequential) else m
 
     def __call__(self, images):
-        return (self.ds if self.ds is not None else self.module)(images)
+        if self.ds is not None:  # DeepSpeed bf16/fp16 keeps the module in that dtype
+            if self.ds.bfloat16_enabled():
+                images = images.to(torch.bfloat16)
+            elif self.ds.fp16_enabled():
+                images = images.half()
+            return self.ds(images)
+        return self.module(images)
 
     def no_sync(self, last_micro: bool):
         """DDP: skip the gradient all-reduce on all but the last micro-step."""
@@ -132,6 +138,7 @@ def apply_deepspeed(
         "gradient_accumulation_steps": dims.grad_accum,
         "train_batch_size": micro_batch * dims.grad_accum * dims.dp,
         "zero_optimization": {"stage": int(ds_cfg.zero_stage)},
+        "zero_allow_untested_optimizer": True,  # torch SGD/AdamW with param groups
         "gradient_clipping": float(clip_grad_norm),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -141,5 +148,12 @@ def apply_deepspeed(
     elif getattr(ds_cfg, "fp16", False):
         config["fp16"] = {"enabled": True}
     config.update(dict(ds_cfg.config or {}))
-    engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return BackboneEngine(engine, ds_opt, dims, ds_engine=engine)
+    # DeepSpeed casts parameters but not buffers; BatchNorm then mixes bf16 inputs with fp32
+    # running statistics and fails on CPU. Cast the whole module (buffers included) up front.
+    if "bf16" in config:
+        model = model.to(torch.bfloat16)
+    elif "fp16" in config:
+        model = model.half()
+    engine, _ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # the ZeRO wrapper shares the torch optimizer's param_groups: the LR schedule drives those
+    return BackboneEngine(engine, optimizer, dims, ds_engine=engine)

@@ -26,7 +26,13 @@ from fr_dist.models import create_backbone
 from fr_dist.runtime import DistEnv
 from fr_dist.train import checkpoint as ckpt
 from fr_dist.train.config import Config, save_config
-from fr_dist.train.engines import BackboneEngine, ParallelDims, apply_channels_last, apply_ddp
+from fr_dist.train.engines import (
+    BackboneEngine,
+    ParallelDims,
+    apply_channels_last,
+    apply_ddp,
+    apply_deepspeed,
+)
 from fr_dist.train.logging import MetricsLogger, Throughput, format_progress
 from fr_dist.train.optim import build_optimizer, param_groups
 from fr_dist.train.schedule import build_scheduler
@@ -40,9 +46,7 @@ def head_kwargs(cfg: Config) -> dict:
         s = h.sphereface2
         return dict(lam=s.lam, r=s.r, m=s.m, t=s.t, lw=s.lw, margin=s.margin, grad=s.grad)
     p = h.partial_fc
-    return dict(
-        margin=p.margin, s=p.s, m1=p.m1, m2=p.m2, m3=p.m3, sample_rate=p.sample_rate, grad=p.grad
-    )
+    return dict(margin=p.margin, s=p.s, m1=p.m1, m2=p.m2, m3=p.m3, sample_rate=p.sample_rate, grad=p.grad)
 
 
 def _autocast(device: torch.device, amp: str):
@@ -61,22 +65,22 @@ class Trainer:
         self._seed(cfg.seed + env.rank)
         t = cfg.train
 
-        # ---- model: unchanged backbone, parallelism applied as steps
+        # ---- model: an unchanged backbone, parallelism applied as steps; the head is never wrapped
+        torch.manual_seed(cfg.seed)  # identical backbone init on every rank and every world size
+        m = cfg.model
         backbone = create_backbone(
-            cfg.model.name,
-            embedding_size=cfg.model.embedding_size,
-            input_size=cfg.model.input_size,
-            dropout=cfg.model.dropout,
-            activation_checkpointing=cfg.model.activation_checkpointing,
-            **cfg.model.kwargs,
-        )
-        torch.manual_seed(cfg.seed)  # identical backbone init on every rank
-        backbone = backbone.to(device)
-        if cfg.model.channels_last:
+            m.name,
+            embedding_size=m.embedding_size,
+            input_size=m.input_size,
+            dropout=m.dropout,
+            activation_checkpointing=m.activation_checkpointing,
+            **m.kwargs,
+        ).to(device)
+        if m.channels_last:
             backbone = apply_channels_last(backbone)
         self.head = create_head(
             cfg.head.name,
-            embedding_size=cfg.model.embedding_size,
+            embedding_size=m.embedding_size,
             num_classes=num_classes,
             seed=cfg.seed,
             embedding_grad_scale=self.dims.embedding_grad_scale,
@@ -84,44 +88,35 @@ class Trainer:
         ).to(device)
         self.head_dtype = cfg.head.dtype
 
-        # ---- optimisers (classifier shard apart, with its own LR / WD) and schedules
+        # ---- optimisers (the classifier shard apart, with its own LR / WD), schedules in optimizer steps
         self.steps_per_epoch = max(1, len(loader) // t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        head_lr = t.head_lr if t.head_lr is not None else t.lr
-        head_wd = t.head_weight_decay if t.head_weight_decay is not None else t.weight_decay
+        head_lr = t.lr if t.head_lr is None else t.head_lr
+        head_wd = t.weight_decay if t.head_weight_decay is None else t.head_weight_decay
         okw = dict(momentum=t.momentum, nesterov=t.nesterov, betas=tuple(t.betas))
         self.opt_head = build_optimizer(
+            t.optimizer, param_groups(self.head, head_lr, head_wd), lr=head_lr, weight_decay=head_wd, **okw
+        )
+        opt_bb = build_optimizer(
             t.optimizer,
-            param_groups(self.head, head_lr, head_wd),
-            lr=head_lr,
-            weight_decay=head_wd,
+            param_groups(backbone, t.lr, t.weight_decay),
+            lr=t.lr,
+            weight_decay=t.weight_decay,
             **okw,
         )
-        bb_groups = param_groups(backbone, t.lr, t.weight_decay)
         if cfg.engine == "deepspeed":
-            from fr_dist.train.engines import apply_deepspeed
-
-            opt_bb = build_optimizer(
-                t.optimizer, bb_groups, lr=t.lr, weight_decay=t.weight_decay, **okw
-            )
             self.bb = apply_deepspeed(
                 backbone, self.dims, opt_bb, cfg.deepspeed, t.clip_grad_norm, cfg.data.batch_size
             )
         else:
-            model = apply_ddp(backbone, self.dims, device)
-            opt_bb = build_optimizer(
-                t.optimizer, bb_groups, lr=t.lr, weight_decay=t.weight_decay, **okw
-            )
-            self.bb = BackboneEngine(model, opt_bb, self.dims)
-        warm = t.warmup_steps or int(round(t.warmup_epochs * self.steps_per_epoch))
-        miles = [int(round(e * self.steps_per_epoch)) for e in t.milestones]
+            self.bb = BackboneEngine(apply_ddp(backbone, self.dims, device), opt_bb, self.dims)
         skw = dict(
             total_steps=self.total_steps,
-            warmup_steps=warm,
             poly_power=t.poly_power,
-            milestones_steps=miles,
             gamma=t.gamma,
             min_lr=t.min_lr,
+            warmup_steps=t.warmup_steps or int(round(t.warmup_epochs * self.steps_per_epoch)),
+            milestones_steps=[int(round(e * self.steps_per_epoch)) for e in t.milestones],
         )
         self.sched_bb = build_scheduler(self.bb.optimizer, t.schedule, **skw)
         self.sched_head = build_scheduler(self.opt_head, t.schedule, **skw)
@@ -256,9 +251,7 @@ class Trainer:
                 self.run_eval()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
-        if cfg.checkpoint.save_at_end and (
-            not cfg.checkpoint.every or self.step % cfg.checkpoint.every
-        ):
+        if cfg.checkpoint.save_at_end and (not cfg.checkpoint.every or self.step % cfg.checkpoint.every):
             self.save_checkpoint()
         results = dict(
             step=self.step,
@@ -284,19 +277,14 @@ class Trainer:
             scalars["sf2_bias"] = float(self.head.bias.detach())
         if self.env.is_main:
             eta = meter.eta(self.total_steps - self.step)
-            line = format_progress(
-                self.step, self.total_steps, self.epoch, out["loss"], lr, meter.rate, eta
-            )
+            line = format_progress(self.step, self.total_steps, self.epoch, out["loss"], lr, meter.rate, eta)
             print(line, flush=True)
         self.log.log(self.step, **scalars)
 
     def run_eval(self) -> dict:
         res = self.evaluator(self.bb.bare)
         flat = {
-            f"eval/{name}/{k}": v
-            for name, r in res.items()
-            for k, v in r.items()
-            if isinstance(v, float)
+            f"eval/{name}/{k}": v for name, r in res.items() for k, v in r.items() if isinstance(v, float)
         }
         self.log.log(self.step, **flat)
         if self.env.is_main:

@@ -20,6 +20,7 @@ No scipy / sklearn needed; ``tests/unit/test_verification.py`` checks closed-for
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -297,11 +298,11 @@ def embed_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed bf16
     n = images.shape[0]
     per = -(-n // world_size) if n else 0
     lo, hi = min(n, rank * per), min(n, (rank + 1) * per)
     param = next(iter(model.parameters()), None)
+    # inputs in the parameters' dtype (bf16 under DeepSpeed bf16); float32 without parameters
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
 
     was_training = model.training
@@ -342,7 +343,7 @@ def verify_bin(
     group=None,
     image_size: Optional[int] = None,
 ) -> dict:
-    """Evaluate ``model`` on one ``.bin`` file: ``{"flip": results, "noflip": results}``.
+    """Evaluate ``model`` on one ``.bin`` file: ``{"flip": results, "noflip": results, "name": stem}``.
 
     Collective: every rank of ``group`` must call it (each embeds a slice). ``results`` are
     :func:`evaluate_pairs` dicts; "flip" is insightface's reported protocol.
@@ -354,4 +355,5 @@ def verify_bin(
     out = {}
     for name, emb in (("flip", l2_normalize(flipsum)), ("noflip", l2_normalize(noflip))):
         out[name] = evaluate_pairs(emb[0::2], emb[1::2], issame, nfolds=nfolds)  # [N, D] each
+    out["name"] = Path(path).stem
     return out

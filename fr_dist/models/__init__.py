@@ -1,26 +1,41 @@
-"""Backbones: insightface iresnet18/34/50/100/200, a configurable ``iresnet``, MobileFaceNet, timm/<name>."""
+"""Backbones: insightface iresnet18..200, a configurable ``iresnet``, MobileFaceNet, timm/<name>.
+
+    from fr_dist.models import create_backbone, list_backbones, register_backbone
+    net = create_backbone("iresnet50", embedding_size=512)   # [N, 3, 112, 112] -> [N, 512]
+
+Registered: ``iresnet18/34/50/100/200`` (insightface), ``iresnet`` (``layers``, ``width``,
+``stem_stride``), ``iresnet_tiny`` (the CPU demo's), ``mobilefacenet``, ``mobilefacenet_large``;
+plus ``timm/<model name>`` with the optional ``timm`` extra.
+"""
 
 from __future__ import annotations
 
-from fr_dist.models.iresnet import IRESNET_LAYERS, IResNet, iresnet
+# the submodules ``iresnet`` and ``mobilefacenet`` keep their names: their same-named factory
+# functions are registered, not re-exported here
+from fr_dist.models import iresnet as _iresnet
+from fr_dist.models import mobilefacenet as _mobilefacenet
+from fr_dist.models.iresnet import IRESNET_LAYERS, IResNet
 from fr_dist.models.mobilefacenet import MobileFaceNet
-from fr_dist.models.registry import create_backbone, list_backbones, register_backbone
+from fr_dist.models.registry import (
+    apply_channels_last,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
 
 __all__ = [
     "create_backbone",
     "list_backbones",
     "register_backbone",
+    "apply_channels_last",
     "IResNet",
     "MobileFaceNet",
-    "iresnet",
+    "IRESNET_LAYERS",
 ]
 
-
-def _register_iresnets():
-    for depth, layers in IRESNET_LAYERS.items():
-        register_backbone(f"iresnet{depth}")(lambda _layers=layers, **kw: IResNet(_layers, **kw))
-
-
-_register_iresnets()
-register_backbone("iresnet")(iresnet)
-register_backbone("mobilefacenet")(MobileFaceNet)
+for _depth in IRESNET_LAYERS:
+    register_backbone(f"iresnet{_depth}")(_iresnet.iresnet_depth(_depth))
+register_backbone("iresnet")(_iresnet.iresnet)
+register_backbone("iresnet_tiny")(_iresnet.iresnet_tiny)
+register_backbone("mobilefacenet")(_mobilefacenet.mobilefacenet)
+register_backbone("mobilefacenet_large")(_mobilefacenet.mobilefacenet_large)

@@ -48,6 +48,7 @@ class ShardedClassifier(nn.Module):
         init_std: float = 0.01,
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
+        check_finite: bool = True,
     ):
         super().__init__()
         if embedding_size < 1:
@@ -63,7 +64,10 @@ class ShardedClassifier(nn.Module):
         """Multiplies the reduce-scattered embedding gradient. 1 gives the true dL/dx; pass the
         world size when a data-parallel wrapper averages backbone gradients (DDP, DeepSpeed)."""
         self.check_inputs = check_inputs
-        """Validate shapes across ranks (one 3-int all-gather), label range and finiteness."""
+        """Validate shapes across ranks (one 3-int all-gather) and the label range."""
+        self.check_finite = check_inputs and check_finite
+        """Raise on NaN/inf embeddings. A trainer with its own non-finite-step guard turns this
+        off so the step is skipped (and counted) instead of aborting."""
         self.weight = nn.Parameter(
             init_weight_rows(self.class_start, self.num_local, embedding_size, seed, init_std)
         )  # [n_r, D]
@@ -115,6 +119,7 @@ class ShardedClassifier(nn.Module):
                     f"label {int(labels_all[i])} outside [0, {self.num_classes}) (num_classes) "
                     f"at global batch row {i} (rank {i // embeddings.shape[0]})"
                 )
+        if self.check_finite:
             finite = torch.isfinite(x_all.detach()).all(dim=1)
             if not bool(finite.all()):
                 i = int((~finite).nonzero()[0, 0])

@@ -145,6 +145,7 @@ class PartialFCHead(ShardedClassifier):
         seed: int = 0,
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
+        check_finite: bool = True,
     ):
         _check(margin, grad, s, sample_rate)
         super().__init__(
@@ -154,6 +155,7 @@ class PartialFCHead(ShardedClassifier):
             seed=seed,
             embedding_grad_scale=embedding_grad_scale,
             check_inputs=check_inputs,
+            check_finite=check_finite,
         )
         self.margin, self.grad = margin, grad
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)

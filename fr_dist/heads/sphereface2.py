@@ -199,6 +199,7 @@ class SphereFace2Head(ShardedClassifier):
         seed: int = 0,
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
+        check_finite: bool = True,
     ):
         _check_hparams(margin, grad, lam)
         super().__init__(
@@ -208,6 +209,7 @@ class SphereFace2Head(ShardedClassifier):
             seed=seed,
             embedding_grad_scale=embedding_grad_scale,
             check_inputs=check_inputs,
+            check_finite=check_finite,
         )
         self.lam, self.r, self.m, self.t, self.lw = (
             float(lam),

@@ -84,6 +84,7 @@ class Trainer:
             num_classes=num_classes,
             seed=cfg.seed,
             embedding_grad_scale=self.dims.embedding_grad_scale,
+            check_finite=False,  # a NaN step is skipped by the guard below, not raised
             **head_kwargs(cfg),
         ).to(device)
         self.head_dtype = cfg.head.dtype

@@ -144,6 +144,23 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
         assert other[0]["step"] == 20
 
 
+@pytest.mark.parametrize("head", ["sphereface2", "partial_fc"])
+def test_bf16_autocast_and_bf16_classifier_train(tiny_data, tmp_path, head):
+    ov = _overrides(tiny_data, tmp_path, **{"head.name": head, "train.amp": "bf16", "head.dtype": "bf16",
+                                            "train.max_steps": 4})
+    res = spawn_gloo(_train, 2, args=(ov,))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in res[0]["metrics"])
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tiny_data, tmp_path):
+    """lr=1e30 blows the weights up: steps are skipped with a warning, then training aborts."""
+    ov = _overrides(tiny_data, tmp_path, **{"train.lr": 1e30, "train.max_steps": 20, "train.max_nonfinite_steps": 3})
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        spawn_gloo(_train, 2, args=(ov,))
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps and steps[0]["step"] == 1
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fr_dist.cli", *args], capture_output=True, text=True, timeout=120)
 

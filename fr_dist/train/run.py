@@ -71,6 +71,11 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
         trainer = build_trainer(cfg, env, device)
         results = trainer.fit()
         if env.is_main:
+            if results.get("eval"):
+                from fr_dist.eval.cli import format_table
+
+                print("verification on held-out pairs (10-fold, flip protocol):")
+                print(format_table(results["eval"]), flush=True)
             out = Path(cfg.output_dir) / "results.json"
             out.write_text(json.dumps(results, indent=1, default=float))
             print(f"fr_dist: done, results in {out}", flush=True)

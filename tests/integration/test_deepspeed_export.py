@@ -79,3 +79,16 @@ def test_onnx_export_matches_pytorch(tiny_data, tmp_path):
     out = sess.run(["embedding"], {"input": x.numpy()})[0]
     assert out.shape == (5, 16)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+    # `fr-dist eval` on the exported model and on the run directory: table + JSON fields
+    for ckpt in (tmp_path / "b.pt", tmp_path / "run"):
+        js = tmp_path / f"eval_{ckpt.name}.json"
+        r = subprocess.run(
+            [sys.executable, "-m", "fr_dist.cli", "eval", "--checkpoint", str(ckpt), "--bin",
+             str(tiny_data / "heldout.bin"), "--json", str(js), "--nfolds", "5"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "heldout" in r.stdout and "accuracy" in r.stdout
+        res = __import__("json").loads(js.read_text())["sets"]["heldout"]
+        assert set(res) >= {"accuracy", "accuracy_std", "threshold", "val_at_far_1e-3", "auc", "eer"}

@@ -1,16 +1,30 @@
-"""Image decode + augmentation.
+"""Image decode + augmentation (CPU, numpy).
 
-Decoder: ``simplejpeg`` (libjpeg-turbo, wheels for Linux/macOS/Windows on x86 and ARM, no system
-libraries) for JPEG: it decodes straight to RGB without a BGR->RGB copy and releases the GIL, so
-DataLoader threads and workers scale; PNG and anything else falls back to OpenCV (also
-libjpeg-turbo/libpng inside its wheel), then Pillow. ``benchmarks/data_loader.py`` measures them.
+Decoder: ``simplejpeg`` for JPEG. It wraps libjpeg-turbo, ships wheels for Linux/macOS/Windows
+on x86-64 and ARM (no system libraries), decodes straight to RGB (no BGR->RGB copy as with
+OpenCV) and releases the GIL. ``benchmarks/data_loader.py`` measures it against OpenCV and
+Pillow (results in ``benchmarks/results/``). PNG and anything simplejpeg rejects fall back to
+OpenCV (libpng/libjpeg-turbo inside its wheel), then Pillow. All three use libjpeg-turbo's
+default IDCT, so they agree exactly on JPEG (the tests check within 1 on uint8).
+
+Normalisation: ``(x - 127.5) / 127.5`` -> [-1, 1], as insightface's ``arcface_torch``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-__all__ = ["decode_image", "encode_jpeg", "normalize_chw", "DECODERS"]
+__all__ = [
+    "DECODERS",
+    "decode_image",
+    "encode_jpeg",
+    "hflip",
+    "resize_to",
+    "normalize_chw",
+    "to_chw_uint8",
+]
 
 
 def _decode_simplejpeg(buf: bytes) -> np.ndarray:
@@ -25,7 +39,7 @@ def _decode_cv2(buf: bytes) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError("OpenCV could not decode the image")
-    return np.ascontiguousarray(img[:, :, ::-1])
+    return np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
 
 
 def _decode_pil(buf: bytes) -> np.ndarray:
@@ -33,22 +47,31 @@ def _decode_pil(buf: bytes) -> np.ndarray:
 
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(buf)).convert("RGB"))
+    with Image.open(io.BytesIO(buf)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 DECODERS = {"simplejpeg": _decode_simplejpeg, "cv2": _decode_cv2, "pil": _decode_pil}
 
 
 def decode_image(buf: bytes, decoder: str = "auto") -> np.ndarray:
-    """Encoded JPEG/PNG bytes -> HxWx3 uint8 RGB."""
+    """Encoded JPEG/PNG bytes -> HxWx3 uint8 RGB (``decoder``: auto | simplejpeg | cv2 | pil)."""
     if not buf:
         raise ValueError("empty image payload")
     if decoder != "auto":
-        return DECODERS[decoder](buf)
+        try:
+            fn = DECODERS[decoder]
+        except KeyError:
+            raise ValueError(
+                f"unknown decoder {decoder!r}; known: auto, {', '.join(DECODERS)}"
+            ) from None
+        return fn(buf)
     if buf[:2] == b"\xff\xd8":
         try:
             return _decode_simplejpeg(buf)
         except ImportError:
+            pass
+        except ValueError:  # let OpenCV try (and produce its own message) for odd JPEGs
             pass
     try:
         return _decode_cv2(buf)
@@ -57,17 +80,43 @@ def decode_image(buf: bytes, decoder: str = "auto") -> np.ndarray:
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
-    """HxWx3 uint8 RGB -> JPEG bytes (OpenCV, as ``mx.recordio.pack_img`` does from BGR)."""
+    """HxWx3 uint8 RGB -> JPEG bytes (OpenCV from BGR, as ``mx.recordio.pack_img`` does)."""
     import cv2
 
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(
+        ".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
     if not ok:
         raise ValueError("JPEG encoding failed")
     return buf.tobytes()
 
 
+def hflip(img: np.ndarray) -> np.ndarray:
+    """Horizontal mirror of an HxWxC image (a view)."""
+    return img[:, ::-1]
+
+
+def resize_to(img: np.ndarray, size: Optional[tuple[int, int]]) -> np.ndarray:
+    """Bilinear resize to ``size`` = (h, w) when the image differs (no-op otherwise)."""
+    if size is None or img.shape[:2] == tuple(size):
+        return img
+    import cv2
+
+    return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def to_chw_uint8(img: np.ndarray, flip: bool = False) -> np.ndarray:
+    """HxWx3 uint8 -> contiguous 3xHxW uint8, optionally mirrored."""
+    if flip:
+        img = hflip(img)
+    return np.ascontiguousarray(img.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
+
+
 def normalize_chw(img: np.ndarray, flip: bool = False) -> np.ndarray:
     """HxWx3 uint8 -> 3xHxW float32 in [-1, 1] ((x - 127.5) / 127.5), optionally mirrored."""
     if flip:
-        img = img[:, ::-1]
-    return ((img.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1).copy()
+        img = hflip(img)
+    out = img.transpose(2, 0, 1).astype(np.float32)  # [H, W, 3] -> [3, H, W]
+    out -= 127.5
+    out /= 127.5
+    return out

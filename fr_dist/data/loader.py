@@ -1,89 +1,176 @@
 """Training loaders with one batch interface: ``for images, labels in loader`` ->
 images float32 [B, 3, H, W] in [-1, 1] on the device, labels int64 [B] on the device.
 
-* ``torch``: RecordIO dataset + DataLoader workers (each opens its own file descriptor); workers
-  ship uint8 CHW batches (4x fewer bytes than float) and the normalisation runs on the device;
-  pinned memory and a side-stream copy one batch ahead on CUDA.
+* ``torch``: :class:`RecordDataset` + ``torch.utils.data.DataLoader`` workers (each worker opens
+  its own file descriptor: the reader reopens after a fork; see :func:`worker_start_method`). By default workers ship uint8 CHW
+  batches (4x fewer bytes through the worker queues / PCIe than float32) and the normalisation
+  runs on the device (``normalize="device"``); ``normalize="worker"`` does it in the workers
+  (``benchmarks/data_loader.py`` measures both). On CUDA: pinned memory and a side-stream copy
+  one batch ahead.
 * ``dali``: :mod:`fr_dist.data.dali` (``fn.readers.mxnet`` + ``fn.decoders.image``).
 
-Both draw batches from :class:`~fr_dist.data.sampler.ShardedSampler` (resumable; flips decided
-by the sampler, so the data stream is a pure function of seed, epoch and position).
+The torch path draws batches from :class:`~fr_dist.data.sampler.ShardedSampler` (resumable,
+any world size); mirror bits come from :func:`~fr_dist.data.sampler.flip_bits` (a pure function
+of seed, epoch and sample), so the data stream is a pure function of seed, epoch and position.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
 
+from fr_dist.data.image import resize_to
 from fr_dist.data.recordio import RecordIOError, open_recordio
-from fr_dist.data.sampler import ShardedSampler
+from fr_dist.data.sampler import ShardedSampler, flip_bits
 
-__all__ = ["RecordDataset", "TrainLoader", "build_train_loader", "normalize_on_device"]
+__all__ = [
+    "worker_start_method",
+    "RecordDataset",
+    "FlipBatchSampler",
+    "TrainLoader",
+    "build_train_loader",
+    "normalize_on_device",
+]
 
 log = logging.getLogger(__name__)
 
+NORMALIZE = ("device", "worker")
+
 
 def normalize_on_device(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 in [-1, 1]."""
+    """uint8 [B, 3, H, W] -> float32 in [-1, 1] (a new tensor; the input is not modified)."""
     return images_u8.float().sub_(127.5).div_(127.5)
 
 
 class RecordDataset(torch.utils.data.Dataset):
-    """Item ``(i, flip)`` -> (uint8 [3, H, W] RGB, int label) of the i-th image record."""
+    """Item ``(i, flip)`` (or ``i``) -> (image [3, H, W], int label) of the i-th image record.
 
-    def __init__(self, rec_path, skip_bad: bool = False):
+    The image is uint8, or float32 in [-1, 1] with ``normalize="worker"``; with ``image_size``
+    (h, w) images of another size are resized bilinearly (None keeps the decoded size). With ``skip_bad`` a record that cannot be
+    read, labelled or decoded is replaced by the next good one in key order and counted
+    (``self.bad``, per worker process) with a warning in the log; otherwise the
+    :class:`RecordIOError` (file, key, byte offset) propagates.
+    """
+
+    def __init__(
+        self,
+        rec_path,
+        skip_bad: bool = False,
+        image_size: Optional[tuple[int, int]] = None,
+        normalize: str = "device",
+    ):
+        if normalize not in NORMALIZE:
+            raise ValueError(f"unknown normalize={normalize!r}; known: {', '.join(NORMALIZE)}")
         self.rec = open_recordio(rec_path)
         self.keys = self.rec.image_keys_array
         self.num_classes = self.rec.num_classes
-        self.skip_bad = skip_bad
+        self.image_size = tuple(image_size) if image_size else None
+        self.skip_bad, self.normalize = skip_bad, normalize
         self.bad = 0
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def load(self, i: int, flip: bool) -> tuple[np.ndarray, int]:
-        key = int(self.keys[i])
-        label = self.rec.label(key)
-        img = self.rec.decode(key)
+        img, label = self.rec.sample(int(self.keys[i]))
+        img = resize_to(img, self.image_size)
         if flip:
             img = img[:, ::-1]
-        return np.ascontiguousarray(img.transpose(2, 0, 1)), label  # [H, W, 3] -> [3, H, W]
+        chw = img.transpose(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+        if self.normalize == "worker":
+            out = chw.astype(np.float32)
+            out -= 127.5
+            out /= 127.5
+            return out, label
+        return np.ascontiguousarray(chw), label
 
     def __getitem__(self, item):
         i, flip = item if isinstance(item, tuple) else (item, False)
-        for attempt in range(len(self.keys)):
+        n = len(self.keys)
+        for attempt in range(n):
+            j = (i + attempt) % n
             try:
-                return self.load((i + attempt) % len(self.keys), flip)
+                return self.load(j, flip)
             except RecordIOError as e:
                 if not self.skip_bad:
                     raise
                 self.bad += 1
-                log.warning("skipping bad record (%d so far): %s", self.bad, e)
+                log.warning("skipping bad record (%d skipped in this process): %s", self.bad, e)
         raise RecordIOError(self.rec.path, "no readable image record")
 
 
+class FlipBatchSampler:
+    """Wraps a :class:`ShardedSampler`: each index ``i`` becomes ``(i, flip_i)`` for the dataset."""
+
+    def __init__(self, sampler: ShardedSampler, flip: bool):
+        self.sampler, self.flip = sampler, flip
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        bits = flip_bits(s.num_samples, s.seed, s.epoch) if self.flip else None
+        for batch in s:
+            yield [(i, bool(bits[i]) if bits is not None else False) for i in batch]
+
+
 def _collate(batch):
-    imgs = torch.from_numpy(np.stack([b[0] for b in batch]))  # [B, 3, H, W] uint8
+    imgs = torch.from_numpy(np.stack([b[0] for b in batch]))  # B x [3, H, W] -> [B, 3, H, W]
     labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)  # [B]
     return imgs, labels
 
 
-class TrainLoader:
-    """Iterable over one epoch of the sampler's batches, on ``device``, normalised."""
+def worker_start_method() -> str:
+    """How DataLoader workers start: ``fork`` (fast; the index is shared copy-on-write) unless
+    OpenCV is already loaded in this process. OpenCV's thread pool does not survive a fork: a
+    forked child that calls into cv2 after the parent used its pool deadlocks (even
+    ``cv2.setNumThreads``). Then workers start from a ``forkserver`` (``spawn`` without one)."""
+    import multiprocessing as mp
+    import sys
 
-    def __init__(self, dataset: RecordDataset, sampler: ShardedSampler, device, num_workers: int = 2):
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and "cv2" not in sys.modules:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class TrainLoader:
+    """Iterable over the rest of the sampler's epoch: (images float [B,3,H,W], labels int64 [B])."""
+
+    def __init__(
+        self,
+        dataset: RecordDataset,
+        sampler: ShardedSampler,
+        device,
+        num_workers: int = 2,
+        flip: bool = True,
+    ):
         self.dataset, self.sampler, self.device = dataset, sampler, torch.device(device)
         self.num_classes, self.num_images = dataset.num_classes, len(dataset)
         cuda = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=sampler,
+            batch_sampler=FlipBatchSampler(sampler, flip),
             num_workers=num_workers,
             collate_fn=_collate,
             pin_memory=cuda,
-            persistent_workers=False,
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+            multiprocessing_context=worker_start_method() if num_workers > 0 else None,
+            persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )
 
@@ -94,37 +181,77 @@ class TrainLoader:
         imgs, labels = batch
         imgs = imgs.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        return normalize_on_device(imgs), labels
+        if imgs.dtype == torch.uint8:
+            imgs = normalize_on_device(imgs)
+        return imgs, labels
 
     def __iter__(self):
         if self.device.type != "cuda":
             for batch in self.loader:
                 yield self._to_device(batch)
             return
-        stream = torch.cuda.Stream(self.device)
-        nxt = None
-        for batch in self.loader:  # copy batch k+1 on a side stream while k trains
-            with torch.cuda.stream(stream):
-                staged = self._to_device(batch)
-            if nxt is not None:
-                yield nxt
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            nxt = staged
-        if nxt is not None:
-            yield nxt
+        side = torch.cuda.Stream(self.device)
+        staged = None
+        for batch in self.loader:  # copy + normalise batch k+1 on a side stream while k trains
+            with torch.cuda.stream(side):
+                nxt = self._to_device(batch)
+            if staged is not None:
+                yield staged
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(side)
+            for t in nxt:
+                t.record_stream(main)  # the caching allocator must not reuse them early
+            staged = nxt
+        if staged is not None:
+            yield staged
 
 
-def build_train_loader(rec_path, rank: int, world_size: int, batch_size: int, seed: int = 0,
-                       num_workers: int = 2, device="cpu", drop_last: bool = True, backend: str = "torch",
-                       flip: bool = True, skip_bad: bool = False):
-    """The training loader of this rank (``backend``: torch | dali)."""
+def build_train_loader(
+    rec_path,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int = 0,
+    num_workers: int = 2,
+    device="cpu",
+    drop_last: bool = True,
+    backend: str = "torch",
+    flip: bool = True,
+    skip_bad: bool = False,
+    normalize: str = "device",
+    shuffle: bool = True,
+    dali_reader: str = "mxnet",
+    image_size: tuple[int, int] = (112, 112),
+):
+    """The training loader of this rank (``backend``: torch | dali).
+
+    Returns an object iterable once per epoch (call ``loader.sampler.set_epoch(e)`` first) with
+    ``.sampler`` (set_epoch / state_dict / load_state_dict), ``len()`` = steps left in the epoch,
+    ``.num_classes`` and ``.num_images``. ``dali_reader`` (DALI only): ``mxnet`` shards with
+    ``fn.readers.mxnet`` by rank; ``sampler`` feeds the same ShardedSampler order as the torch
+    path (exact resume on any world size); see :mod:`fr_dist.data.dali`.
+    """
     if backend == "dali":
         from fr_dist.data.dali import DaliTrainLoader
 
-        return DaliTrainLoader(rec_path, rank, world_size, batch_size, seed=seed, device=device,
-                               drop_last=drop_last, flip=flip, num_threads=max(1, num_workers))
+        return DaliTrainLoader(
+            rec_path,
+            rank,
+            world_size,
+            batch_size,
+            seed=seed,
+            device=device,
+            drop_last=drop_last,
+            flip=flip,
+            num_threads=max(1, num_workers),
+            reader=dali_reader,
+            shuffle=shuffle,
+            image_size=image_size,
+        )
     if backend != "torch":
-        raise ValueError(f"unknown loader backend {backend!r}; known: torch, dali")
-    ds = RecordDataset(rec_path, skip_bad=skip_bad)
-    sampler = ShardedSampler(len(ds), rank, world_size, batch_size, seed=seed, drop_last=drop_last, flip=flip)
-    return TrainLoader(ds, sampler, device, num_workers=num_workers)
+        raise ValueError(f"unknown loader backend {backend!r}; known: dali, torch")
+    ds = RecordDataset(rec_path, skip_bad=skip_bad, image_size=image_size, normalize=normalize)
+    sampler = ShardedSampler(
+        len(ds), rank, world_size, batch_size, seed=seed, drop_last=drop_last, shuffle=shuffle
+    )
+    return TrainLoader(ds, sampler, device, num_workers=num_workers, flip=flip)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -69,7 +71,9 @@ def test_writer_bytes_identical_to_mxnet(fx, tmp_path):
     write_dataset(tmp_path / "ds", items, num_classes=20)
     assert (tmp_path / "ds" / "train.rec").read_bytes() == (d / "train.rec").read_bytes()
     assert (tmp_path / "ds" / "train.idx").read_text() == (d / "train.idx").read_text()
-    assert (tmp_path / "ds" / "property").read_text().strip() == (d / "property").read_text().strip()
+    assert (tmp_path / "ds" / "property").read_text().strip() == (
+        d / "property"
+    ).read_text().strip()
 
 
 def test_index_rebuilt_when_missing(fx, tmp_path):
@@ -79,6 +83,7 @@ def test_index_rebuilt_when_missing(fx, tmp_path):
     rec = open_recordio(tmp_path / "train.rec")
     ref = open_recordio(d / "train.rec")
     assert rec.index_rebuilt and rec.index == ref.index
+    assert rec.save_index().read_text() == (d / "train.idx").read_text()
     assert rec.layout == "insightface" and rec.num_images == 200
     assert len(list(rec.scan())) == 221
 
@@ -96,31 +101,51 @@ def test_flat_layout_and_vector_labels(tmp_path):
 def test_continuation_records_round_trip(tmp_path):
     """A payload holding the magic word at 4-aligned offsets is split like dmlc-core does."""
     magic = struct.pack("<I", MAGIC)
-    payloads = [magic + b"abcd" + magic + b"xy", b"1234" + magic, magic, b"\x00" * 5]
-    with RecordIOWriter(tmp_path / "c.rec") as w:
+    payloads = [magic + b"abcd" + magic + b"xy", b"1234" + magic, magic, b"\x00" * 5, b"ab" + magic]
+    with RecordIOWriter(tmp_path / "train.rec") as w:
         for k, p in enumerate(payloads):
-            w.write_raw(k, p)
-    raw = (tmp_path / "c.rec").read_bytes()
-    flags = []
-    pos = 0
+            w.write(k, IRHeader(0, float(k), k, 0), p)
+    raw = (tmp_path / "train.rec").read_bytes()
+    flags, pos = [], 0
     while pos < len(raw):
         _, lrec = struct.unpack_from("<II", raw, pos)
         flags.append(lrec >> 29)
         pos += 8 + (((lrec & ((1 << 29) - 1)) + 3) & ~3)
-    assert 1 in flags and 2 in flags and 3 in flags
-    from fr_dist.data.recordio import RecordIOReader
+    assert {1, 2, 3} <= set(flags)
+    rec = open_recordio(tmp_path / "train.rec")
+    assert rec.layout == "flat"
+    for k, p in enumerate(payloads):
+        h, body = rec.read(k)
+        assert body == p and h.label == float(k) and rec.read_header(k) == h
+    (tmp_path / "train.idx").unlink()  # the scan joins the parts too
+    rebuilt = open_recordio(tmp_path / "train.rec")
+    assert rebuilt.index_rebuilt and [rebuilt.read(k)[1] for k in range(len(payloads))] == payloads
 
-    r = RecordIOReader.__new__(RecordIOReader)
-    r.path, r.size, r._fd, r._pid = tmp_path / "c.rec", len(raw), None, None
-    import threading
 
-    r._lock = threading.Lock()
-    idx = [int(line.split("\t")[1]) for line in (tmp_path / "c.idx").read_text().splitlines()]
-    assert [r.read_raw_at(o)[0] for o in idx] == payloads
+def test_read_header_matches_full_read_and_threads_forks(fx):
+    d, _ = fx
+    rec = open_recordio(d / "train.rec")
+    full = {k: rec.read(k) for k in rec.keys}
+    assert all(rec.read_header(k) == full[k][0] for k in rec.keys)
+    with ThreadPoolExecutor(4) as ex:  # one descriptor, pread: no shared file offset
+        assert list(ex.map(lambda k: rec.read(k)[1], rec.keys)) == [full[k][1] for k in rec.keys]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:  # forked children reopen their own descriptor
+        got = pool.map(_payload_len, [(rec, k) for k in rec.image_keys[:40]])
+    assert got == [len(full[k][1]) for k in rec.image_keys[:40]]
+    assert (rec.labels() == np.array([rec.label(k) for k in rec.image_keys])).all()
+
+
+def _payload_len(args):
+    rec, key = args
+    return len(rec.read(key)[1])
 
 
 def _small(tmp_path, n_ids=3, per=2, layout="insightface"):
-    img = [cv2.imencode(".jpg", np.full((8, 8, 3), 40 * i, np.uint8))[1].tobytes() for i in range(n_ids)]
+    img = [
+        cv2.imencode(".jpg", np.full((8, 8, 3), 40 * i, np.uint8))[1].tobytes()
+        for i in range(n_ids)
+    ]
     items = [(i, img[i]) for i in range(n_ids) for _ in range(per)]
     write_dataset(tmp_path, items, num_classes=n_ids, image_size=(8, 8), layout=layout)
     return tmp_path / "train.rec"
@@ -152,7 +177,9 @@ def test_index_past_eof(tmp_path):
     rec_path = _small(tmp_path)
     with open(tmp_path / "train.idx", "a") as f:
         f.write("99\t999999\n")
-    with pytest.raises(RecordIOError, match=r"train\.idx, key 99, byte offset 999999: index points past the end"):
+    with pytest.raises(
+        RecordIOError, match=r"train\.idx, key 99, byte offset 999999: index points past the end"
+    ):
         open_recordio(rec_path)
 
 
@@ -174,3 +201,43 @@ def test_skip_bad_records_counts(tmp_path):
     assert ds.bad == 2 and y == 0 and img.shape == (3, 8, 8)
     with pytest.raises(RecordIOError):
         RecordDataset(rec_path, skip_bad=False)[(4, False)]
+
+
+def test_bad_property_and_index_lines(tmp_path):
+    rec_path = _small(tmp_path)
+    (tmp_path / "property").write_text("three,8,8")
+    with pytest.raises(RecordIOError, match=r"property: expected 'num_classes,height,width'"):
+        open_recordio(rec_path)
+    (tmp_path / "property").write_text("3,8,8")
+    (tmp_path / "train.idx").write_text("0\t0\nnot a line\n")
+    with pytest.raises(RecordIOError, match=r"train\.idx: line 2 is not 'key<TAB>offset'"):
+        open_recordio(rec_path)
+
+
+def test_header_announcing_too_many_labels(tmp_path):
+    with RecordIOWriter(tmp_path / "train.rec") as w:
+        w.write_raw(0, struct.pack("<IfQQ", 1000, 0.0, 0, 0) + b"\xff\xd8")
+    with pytest.raises(RecordIOError, match=r"key 0, byte offset 0: header announces 1000 labels"):
+        open_recordio(tmp_path / "train.rec")
+
+
+def test_flat_file_with_vector_label_image_at_key0_is_flat(tmp_path):
+    with RecordIOWriter(tmp_path / "train.rec") as w:
+        for k in range(3):
+            w.write(k, IRHeader(2, (float(k), 5.0), k, 0), b"\xff\xd8jpeg")
+    rec = open_recordio(tmp_path / "train.rec")
+    assert (
+        rec.layout == "flat"
+        and rec.image_keys == [0, 1, 2]
+        and [rec.label(k) for k in range(3)] == [0, 1, 2]
+    )
+
+
+def test_check_counts_bad_records(tmp_path):
+    rec_path = _small(tmp_path)
+    (tmp_path / "property").write_text("2,8,8")
+    rec = open_recordio(rec_path)
+    res = rec.check(decode=True)
+    assert res["checked"] == 6 and res["bad"] == 2 and "label 2 outside [0, 2)" in res["errors"][0]
+    with pytest.raises(RecordIOError, match="key 5"):
+        rec.check(skip_bad=False)

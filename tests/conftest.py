@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The test process imports many thread-pool libraries (cv2, onnxruntime, DeepSpeed, gloo) over
+# the session; forking DataLoader workers from it can deadlock. Production keeps fork where safe.
+os.environ.setdefault("FR_DIST_WORKER_START", "forkserver")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

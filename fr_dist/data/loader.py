@@ -128,12 +128,20 @@ def worker_start_method() -> str:
     """How DataLoader workers start: ``fork`` (fast; the index is shared copy-on-write) unless
     OpenCV is already loaded in this process. OpenCV's thread pool does not survive a fork: a
     forked child that calls into cv2 after the parent used its pool deadlocks (even
-    ``cv2.setNumThreads``). Then workers start from a ``forkserver`` (``spawn`` without one)."""
+    ``cv2.setNumThreads``); onnxruntime likewise. Then workers start from a ``forkserver``
+    (``spawn`` without one). ``FR_DIST_WORKER_START=fork|forkserver|spawn`` forces a method."""
     import multiprocessing as mp
+    import os
     import sys
 
     methods = mp.get_all_start_methods()
-    if "fork" in methods and "cv2" not in sys.modules:
+    forced = os.environ.get("FR_DIST_WORKER_START")
+    if forced:
+        if forced not in methods:
+            raise ValueError(f"FR_DIST_WORKER_START={forced!r}: not one of {methods}")
+        return forced
+    fork_unsafe = ("cv2", "onnxruntime")  # libraries whose thread pools deadlock forked children
+    if "fork" in methods and not any(m in sys.modules for m in fork_unsafe):
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
 

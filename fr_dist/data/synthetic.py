@@ -374,3 +374,25 @@ def make_synthetic_dataset(
     )
     (out / "synthetic.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def make_synthetic_ijb(out_dir, num_identities: int = 50, images_per_identity: int = 6, first_identity: int = 10**6,
+                       seed: int = 1234, prefix: str = "synth", images_per_template: int = 3) -> dict:
+    """An IJB-layout folder from held-out synthetic identities (never in a training set that uses
+    identities below ``first_identity``): ``loose_crop/*.jpg`` + ``meta/<prefix>_face_tid_mid.txt``
+    and ``meta/<prefix>_template_pair_label.txt`` (genuine and impostor template pairs)."""
+    from fr_dist.eval.ijb import write_ijb_meta
+
+    out = Path(out_dir)
+    (out / "loose_crop").mkdir(parents=True, exist_ok=True)
+    names, ids = [], []
+    for i in range(num_identities):
+        ident = first_identity + i
+        params = identity_params(seed, ident)
+        for j in range(images_per_identity):
+            name = f"{ident}_{j}.jpg"
+            (out / "loose_crop" / name).write_bytes(render_image(seed, ident, j, params))
+            names.append(name)
+            ids.append(ident)
+    meta = write_ijb_meta(out / "meta", prefix, names, ids, images_per_template=images_per_template, seed=seed)
+    return dict(folder=str(out), prefix=prefix, images=len(names), meta=meta)

@@ -159,9 +159,7 @@ def plot(results: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", nargs="+", default=["sphereface2", "partial_fc"])
     p.add_argument("--num-classes", nargs="+", type=int, default=[1000, 10000])
     p.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2])

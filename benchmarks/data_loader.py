@@ -158,9 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rec", default=None, help="RecordIO file (default: generate a synthetic set)")
     ap.add_argument("--images", type=int, default=12288, help="images timed per configuration")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument(
-        "--workers", type=int, nargs="*", default=[0, 2], help="torch DataLoader workers"
-    )
+    ap.add_argument("--workers", type=int, nargs="*", default=[0, 2], help="torch DataLoader workers")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="DALI CPU threads")
     ap.add_argument("--decode-images", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)

@@ -95,9 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser(
-        "train", help="train a backbone + sharded head (single process, torchrun or srun)"
-    )
+    t = sub.add_parser("train", help="train a backbone + sharded head (single process, torchrun or srun)")
     t.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     t.set_defaults(func=cmd_train)

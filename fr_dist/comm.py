@@ -110,12 +110,8 @@ def counting():
 
 
 # torch >= 2.10 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
-_all_gather_single = getattr(
-    dist, "all_gather_single", getattr(dist, "all_gather_into_tensor", None)
-)
-_reduce_scatter_single = getattr(
-    dist, "reduce_scatter_single", getattr(dist, "reduce_scatter_tensor", None)
-)
+_all_gather_single = getattr(dist, "all_gather_single", getattr(dist, "all_gather_into_tensor", None))
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", getattr(dist, "reduce_scatter_tensor", None))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -145,9 +141,7 @@ def reduce_scatter(x: torch.Tensor, group=None, name: str = "tensor") -> torch.T
         return x
     world = dist.get_world_size(group)
     if x.shape[0] % world:
-        raise ValueError(
-            f"reduce_scatter: dim 0 ({x.shape[0]}) not divisible by world size {world}"
-        )
+        raise ValueError(f"reduce_scatter: dim 0 ({x.shape[0]}) not divisible by world size {world}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
@@ -158,9 +152,7 @@ def reduce_scatter(x: torch.Tensor, group=None, name: str = "tensor") -> torch.T
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
-def all_reduce(
-    x: torch.Tensor, op: str = "sum", group=None, name: str = "tensor", async_op: bool = False
-):
+def all_reduce(x: torch.Tensor, op: str = "sum", group=None, name: str = "tensor", async_op: bool = False):
     """All-reduce a copy of ``x`` (the caller's tensor is never modified).
 
     Returns the reduced tensor, or ``(tensor, work)`` with ``async_op=True`` (call ``work.wait()``).
@@ -203,9 +195,7 @@ class _GatherFromBatch(torch.autograd.Function):
         return g, None, None, None
 
 
-def gather_from_batch(
-    x: torch.Tensor, group=None, grad_scale: float = 1.0, name: str = "embeddings"
-):
+def gather_from_batch(x: torch.Tensor, group=None, grad_scale: float = 1.0, name: str = "embeddings"):
     """Forward all-gather of the data-parallel batch; backward reduce-scatter (sum) times ``grad_scale``.
 
     With ``grad_scale=1`` the local gradient is exactly dL/dx of the global loss. Pass the

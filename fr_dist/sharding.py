@@ -38,9 +38,7 @@ def shard_of_class(labels: torch.Tensor, num_classes: int, world_size: int) -> t
     return torch.where(labels < big, labels // (base + 1), extra + (labels - big) // base)
 
 
-def assemble(
-    shards: Sequence[torch.Tensor], starts: Sequence[int], num_classes: int
-) -> torch.Tensor:
+def assemble(shards: Sequence[torch.Tensor], starts: Sequence[int], num_classes: int) -> torch.Tensor:
     """Concatenate row shards saved with their class starts into the full [K, ...] tensor."""
     order = sorted(range(len(shards)), key=lambda i: starts[i])
     full = torch.cat([shards[i] for i in order], dim=0)

@@ -53,25 +53,19 @@ def _worker(rank, world_size, port, fn, args, out_dir, timeout_s, threads):
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
         code = 1
-        torch.save(
-            {"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt")
-        )
+        torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def spawn_gloo(
-    fn, world_size: int, args: tuple = (), timeout_s: float = 120.0, threads: int = 1
-) -> list:
+def spawn_gloo(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0, threads: int = 1) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [
-            ctx.Process(
-                target=_worker, args=(r, world_size, port, fn, args, out_dir, timeout_s, threads)
-            )
+            ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir, timeout_s, threads))
             for r in range(world_size)
         ]
         for p in procs:

@@ -66,9 +66,7 @@ def dataset_info(path, check: bool = False, decode: bool = False) -> dict:
 
     rec = open_recordio(path, check_labels=False)
     if rec.layout == "insightface" and rec.identity_keys:
-        counts = np.array(
-            [e - s for s, e in (rec.id_range(i) for i in range(len(rec.identity_keys)))]
-        )
+        counts = np.array([e - s for s, e in (rec.id_range(i) for i in range(len(rec.identity_keys)))])
     else:
         labels = rec.labels()
         counts = np.bincount(labels, minlength=rec.num_classes) if labels.size else np.zeros(0, int)
@@ -106,9 +104,7 @@ def cmd_info(args) -> int:
     if info["image_size"]:
         print(f"  image size  {info['image_size'][0]}x{info['image_size'][1]} (property)")
     s = info["images_per_identity"]
-    print(
-        f"  images/identity  min {s['min']}  median {s['median']:g}  mean {s['mean']:.2f}  max {s['max']}"
-    )
+    print(f"  images/identity  min {s['min']}  median {s['median']:g}  mean {s['mean']:.2f}  max {s['max']}")
     width = max([len(b["images"]) for b in info["histogram"]] + [6])
     top = max([b["identities"] for b in info["histogram"]] + [1])
     for b in info["histogram"]:
@@ -152,9 +148,7 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("--shuffle", action="store_true", help="shuffle the record order (see docs)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--name", default="train", help="file stem (default: train)")
-    p.add_argument(
-        "--resize", type=_size, default=None, metavar="H,W", help="resize + re-encode JPEG"
-    )
+    p.add_argument("--resize", type=_size, default=None, metavar="H,W", help="resize + re-encode JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     p.add_argument("--no-check", action="store_true", help="do not decode images before packing")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted)")
@@ -162,16 +156,10 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 
-    i = subparsers.add_parser(
-        "info", help="layout, images, identities, images-per-identity histogram"
-    )
+    i = subparsers.add_parser("info", help="layout, images, identities, images-per-identity histogram")
     i.add_argument("path", help="train.rec or its folder")
-    i.add_argument(
-        "--check", action="store_true", help="read every image record and check its label"
-    )
-    i.add_argument(
-        "--decode", action="store_true", help="also decode every image (implies --check)"
-    )
+    i.add_argument("--check", action="store_true", help="read every image record and check its label")
+    i.add_argument("--decode", action="store_true", help="also decode every image (implies --check)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 
@@ -180,12 +168,8 @@ def add_data_commands(subparsers) -> None:
     s.add_argument("out", help="output folder (train.rec/.idx, property, heldout.bin)")
     s.add_argument("--num-ids", type=int, default=d["num_identities"], help="training identities")
     s.add_argument("--images-per-id", type=int, default=d["images_per_identity"])
-    s.add_argument(
-        "--heldout-ids", type=int, default=d["heldout_identities"], help="identities kept out"
-    )
-    s.add_argument(
-        "--heldout-pairs", type=int, default=d["heldout_pairs"], help="pairs in heldout.bin"
-    )
+    s.add_argument("--heldout-ids", type=int, default=d["heldout_identities"], help="identities kept out")
+    s.add_argument("--heldout-pairs", type=int, default=d["heldout_pairs"], help="pairs in heldout.bin")
     s.add_argument("--seed", type=int, default=d["seed"])
     s.add_argument("--layout", choices=["insightface", "flat"], default="insightface")
     s.add_argument("--workers", type=int, default=None, help="processes (default: cores, max 8)")

@@ -107,9 +107,7 @@ def image_index_path(rec_path, cache_dir=None) -> Path:
             return target
         except OSError as e:
             log.info("cannot write the DALI image index at %s (%s)", target, e)
-    raise OSError(
-        f"cannot write a DALI image index for {rec.path} at any of {[str(c) for c in candidates]}"
-    )
+    raise OSError(f"cannot write a DALI image index for {rec.path} at any of {[str(c) for c in candidates]}")
 
 
 class DaliReaderSampler:
@@ -152,9 +150,7 @@ class DaliReaderSampler:
         return (self.rank + epoch) % self.world_size
 
     def dali_seed(self, epoch: int) -> int:
-        return int(
-            np.random.default_rng([self.seed, int(epoch), self.rank, 0xDA]).integers(0, 2**31 - 1)
-        )
+        return int(np.random.default_rng([self.seed, int(epoch), self.rank, 0xDA]).integers(0, 2**31 - 1))
 
     def state_dict(self, consumed_batches: Optional[int] = None) -> dict:
         consumed = self.start + (consumed_batches or 0) * self.global_batch
@@ -232,9 +228,7 @@ class DaliTrainLoader:
         self._keys_by_offset = self.rec.index.keys_array[order]
         if reader == "mxnet":
             self.index_path = image_index_path(rec_path, cache_dir)
-            self.sampler = DaliReaderSampler(
-                self.num_images, rank, world_size, batch_size, seed, drop_last
-            )
+            self.sampler = DaliReaderSampler(self.num_images, rank, world_size, batch_size, seed, drop_last)
         else:
             self.index_path = None
             self.sampler = ShardedSampler(
@@ -258,9 +252,7 @@ class DaliTrainLoader:
     def _feed(self, epoch: int):
         """External-source batches of this rank: (encoded images, labels [B], mirror [B])."""
         s = self.sampler
-        bits = (
-            flip_bits(s.num_samples, s.seed, epoch) if self.flip else np.zeros(s.num_samples, bool)
-        )
+        bits = flip_bits(s.num_samples, s.seed, epoch) if self.flip else np.zeros(s.num_samples, bool)
         keys = self.rec.image_keys_array
         for batch in s:
             self._fed_keys.append(keys[np.asarray(batch)])
@@ -283,9 +275,7 @@ class DaliTrainLoader:
         )
         s = self.sampler
         seed = (
-            s.dali_seed(epoch)
-            if isinstance(s, DaliReaderSampler)
-            else (s.seed * 7919 + epoch) % (2**31 - 1)
+            s.dali_seed(epoch) if isinstance(s, DaliReaderSampler) else (s.seed * 7919 + epoch) % (2**31 - 1)
         )
         pipe = Pipeline(
             batch_size=self.batch_size,
@@ -316,9 +306,7 @@ class DaliTrainLoader:
                     batch=True,
                     dtype=[types.UINT8, types.INT64, types.INT32],
                 )
-            images = fn.decoders.image(
-                jpegs, device="mixed" if self._gpu else "cpu", output_type=types.RGB
-            )
+            images = fn.decoders.image(jpegs, device="mixed" if self._gpu else "cpu", output_type=types.RGB)
             if self.rec.image_size is not None and tuple(self.rec.image_size) != self.image_size:
                 images = fn.resize(images, resize_y=self.image_size[0], resize_x=self.image_size[1])
             images = fn.crop_mirror_normalize(
@@ -337,9 +325,7 @@ class DaliTrainLoader:
         return pipe
 
     def _to_torch(self, out) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.from_numpy(
-            np.asarray(out[1].as_array()).reshape(len(out[1]), -1)[:, 0].copy()
-        )  # [B]
+        labels = torch.from_numpy(np.asarray(out[1].as_array()).reshape(len(out[1]), -1)[:, 0].copy())  # [B]
         if self._gpu:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 

@@ -62,9 +62,7 @@ def decode_image(buf: bytes, decoder: str = "auto") -> np.ndarray:
         try:
             fn = DECODERS[decoder]
         except KeyError:
-            raise ValueError(
-                f"unknown decoder {decoder!r}; known: auto, {', '.join(DECODERS)}"
-            ) from None
+            raise ValueError(f"unknown decoder {decoder!r}; known: auto, {', '.join(DECODERS)}") from None
         return fn(buf)
     if buf[:2] == b"\xff\xd8":
         try:

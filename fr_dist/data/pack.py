@@ -38,9 +38,7 @@ def scan_image_folder(root) -> tuple[list[str], list[tuple[int, Path]]]:
         raise FileNotFoundError(f"image folder not found: {root}")
     names, items = [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(
-            f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             log.warning("%s: no images (%s), skipped", d, "/".join(IMAGE_EXTENSIONS))
             continue
@@ -48,9 +46,7 @@ def scan_image_folder(root) -> tuple[list[str], list[tuple[int, Path]]]:
         names.append(d.name)
         items += [(label, f) for f in files]
     if not items:
-        raise ValueError(
-            f"{root}: no identity sub-folders with images ({', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise ValueError(f"{root}: no identity sub-folders with images ({', '.join(IMAGE_EXTENSIONS)})")
     return names, items
 
 
@@ -135,9 +131,7 @@ def pack_folder(
                     if not size:
                         size.append(tuple(shape))
                     elif tuple(shape) != size[0] and not image_size:
-                        log.warning(
-                            "image size %s differs from the first image's %s", shape, size[0]
-                        )
+                        log.warning("image size %s differs from the first image's %s", shape, size[0])
                 yield label, data
 
     out = Path(out_dir)

@@ -29,9 +29,7 @@ def read_bin(path) -> tuple[list, list]:
     except FileNotFoundError:
         raise
     except Exception as e:  # UnpicklingError, EOFError, ValueError, ImportError of odd classes...
-        raise ValueError(
-            f"{path}: not an insightface .bin pair file ({type(e).__name__}: {e})"
-        ) from None
+        raise ValueError(f"{path}: not an insightface .bin pair file ({type(e).__name__}: {e})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(
             f"{path}: not an insightface .bin pair file (expected a pickled (images, issame) pair, "
@@ -44,26 +42,20 @@ def read_bin(path) -> tuple[list, list]:
     except TypeError as e:
         raise ValueError(f"{path}: images must be byte strings and issame booleans ({e})") from None
     if len(bins) != 2 * len(issame):
-        raise ValueError(
-            f"{path}: {len(bins)} images for {len(issame)} pairs (expected {2 * len(issame)})"
-        )
+        raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     return bins, issame
 
 
 def write_bin(path, images: Sequence[bytes], issame: Sequence[bool]) -> None:
     """Write an insightface ``.bin`` (pickle protocol 4, readable by insightface's loader)."""
     if len(images) != 2 * len(issame):
-        raise ValueError(
-            f"{len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})"
-        )
+        raise ValueError(f"{len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump(([bytes(b) for b in images], [bool(s) for s in issame]), f, protocol=4)
 
 
-def sample_pairs(
-    labels: Sequence[int], num_pairs: int, seed: int = 0
-) -> list[tuple[int, int, bool]]:
+def sample_pairs(labels: Sequence[int], num_pairs: int, seed: int = 0) -> list[tuple[int, int, bool]]:
     """``num_pairs`` (i, j, same) image-index pairs: ceil(P/2) genuine, floor(P/2) impostor.
 
     Genuine pairs join two different images of an identity with >= 2 images; impostor pairs two

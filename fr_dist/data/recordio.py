@@ -91,9 +91,7 @@ def pack_header(header: IRHeader, payload: bytes) -> bytes:
     if isinstance(header.label, (int, float, np.integer, np.floating)):
         return _HEADER.pack(0, float(header.label), int(header.id), int(header.id2)) + payload
     label = np.asarray(header.label, dtype="<f4").reshape(-1)
-    return (
-        _HEADER.pack(label.size, 0.0, int(header.id), int(header.id2)) + label.tobytes() + payload
-    )
+    return _HEADER.pack(label.size, 0.0, int(header.id), int(header.id2)) + label.tobytes() + payload
 
 
 def unpack_header(buf: bytes, path="<bytes>", key=None, offset=None) -> tuple[IRHeader, bytes]:
@@ -300,15 +298,12 @@ class RecordIOReader:
             )
         magic, lrec = struct.unpack("<II", head)
         if magic != MAGIC:
-            raise RecordIOError(
-                self.path, f"wrong magic 0x{magic:08X} (expected 0x{MAGIC:08X})", key, pos
-            )
+            raise RecordIOError(self.path, f"wrong magic 0x{magic:08X} (expected 0x{MAGIC:08X})", key, pos)
         cflag, length = lrec >> 29, lrec & _LEN_MASK
         if pos + 8 + length > self.size:
             raise RecordIOError(
                 self.path,
-                f"truncated file: record of {length} bytes ends past the end of the file "
-                f"({self.size} bytes)",
+                f"truncated file: record of {length} bytes ends past the end of the file ({self.size} bytes)",
                 key,
                 pos,
             )
@@ -458,9 +453,7 @@ class RecordIOReader:
         lab = _first_label(header)
         y = int(lab)
         if y != lab or y < 0:
-            raise RecordIOError(
-                self.path, f"label {lab!r} is not a class index", key, self.index[key]
-            )
+            raise RecordIOError(self.path, f"label {lab!r} is not a class index", key, self.index[key])
         if self.check_labels and self._num_classes is not None and y >= self._num_classes:
             raise RecordIOError(
                 self.path,
@@ -535,9 +528,7 @@ class RecordIOReader:
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         idx = self.index
         tmp.write_text(
-            "".join(
-                f"{k}\t{o}\n" for k, o in zip(idx.keys_array.tolist(), idx.offsets_array.tolist())
-            )
+            "".join(f"{k}\t{o}\n" for k, o in zip(idx.keys_array.tolist(), idx.offsets_array.tolist()))
         )
         os.replace(tmp, target)
         return target
@@ -632,9 +623,7 @@ class RecordIOWriter:
         pos = self.offsets[key]
         nxt = min((o for o in self.offsets.values() if o > pos), default=self.pos)
         if len(blob) != nxt - pos:
-            raise ValueError(
-                f"record {key}: in-place rewrite of {nxt - pos} bytes with {len(blob)}"
-            )
+            raise ValueError(f"record {key}: in-place rewrite of {nxt - pos} bytes with {len(blob)}")
         self._f.flush()
         os.pwrite(self._f.fileno(), blob, pos)
 

@@ -150,9 +150,7 @@ class ShardedSampler:
         if int(sd.get("seed", self.seed)) != self.seed:
             raise ValueError(f"sampler state has seed {sd['seed']}, this run uses seed {self.seed}")
         if bool(sd.get("shuffle", self.shuffle)) != self.shuffle:
-            raise ValueError(
-                f"sampler state has shuffle={sd['shuffle']}, this run uses {self.shuffle}"
-            )
+            raise ValueError(f"sampler state has shuffle={sd['shuffle']}, this run uses {self.shuffle}")
         consumed = int(sd["consumed_global"])
         if consumed < 0:
             raise ValueError(f"consumed_global={consumed} is negative")

@@ -107,9 +107,7 @@ def _stripe_mask(angle: float, period: float) -> np.ndarray:
 
 
 _BG_STRIPES = [
-    _stripe_mask(a, per)
-    for a in np.linspace(0, np.pi, 16, endpoint=False)
-    for per in (6, 10, 14, 20)
+    _stripe_mask(a, per) for a in np.linspace(0, np.pi, 16, endpoint=False) for per in (6, 10, 14, 20)
 ]
 
 
@@ -208,9 +206,7 @@ def render_face(p: dict, rng: np.random.Generator) -> np.ndarray:
     cv2.fillPoly(img, [nose], _col(skin * 0.75))
     mw, my = p["mouth_w"], p["mouth_y"]
     mc = p["mouth_curve"] + rng.uniform(-2, 2)
-    mouth = np.array(
-        [pt(-mw, my), pt(0, my + mc), pt(mw, my), pt(0, my + mc + p["mouth_h"])], np.int32
-    )
+    mouth = np.array([pt(-mw, my), pt(0, my + mc), pt(mw, my), pt(0, my + mc + p["mouth_h"])], np.int32)
     cv2.fillPoly(img, [mouth], _col(p["lips"]))
     for mx, my_, mr, mcol in p["marks"]:
         cv2.circle(img, pt(mx, my_), int(mr), _col(mcol), -1)
@@ -218,9 +214,7 @@ def render_face(p: dict, rng: np.random.Generator) -> np.ndarray:
     # pose: rotation, scale, shift
     M = cv2.getRotationMatrix2D((c, c), rng.uniform(-10, 10), rng.uniform(0.92, 1.08))
     M[:, 2] += rng.uniform(-5, 5, 2)
-    img = cv2.warpAffine(
-        img, M, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
-    )
+    img = cv2.warpAffine(img, M, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     # lighting: gain with a colour cast, offset, directional gradient
     gain = rng.uniform(0.8, 1.2) * rng.uniform(0.93, 1.07, 3)
     cv2.multiply(img, _col(gain) + (1.0,), dst=img)
@@ -301,9 +295,7 @@ def make_synthetic_dataset(
     if num_identities < 1 or images_per_identity < 1:
         raise ValueError("need at least one identity and one image per identity")
     if heldout_pairs and (heldout_identities < 2 or images_per_identity < 2):
-        raise ValueError(
-            "held-out pairs need >= 2 held-out identities and >= 2 images per identity"
-        )
+        raise ValueError("held-out pairs need >= 2 held-out identities and >= 2 images per identity")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
@@ -376,8 +368,15 @@ def make_synthetic_dataset(
     return meta
 
 
-def make_synthetic_ijb(out_dir, num_identities: int = 50, images_per_identity: int = 6, first_identity: int = 10**6,
-                       seed: int = 1234, prefix: str = "synth", images_per_template: int = 3) -> dict:
+def make_synthetic_ijb(
+    out_dir,
+    num_identities: int = 50,
+    images_per_identity: int = 6,
+    first_identity: int = 10**6,
+    seed: int = 1234,
+    prefix: str = "synth",
+    images_per_template: int = 3,
+) -> dict:
     """An IJB-layout folder from held-out synthetic identities (never in a training set that uses
     identities below ``first_identity``): ``loose_crop/*.jpg`` + ``meta/<prefix>_face_tid_mid.txt``
     and ``meta/<prefix>_template_pair_label.txt`` (genuine and impostor template pairs)."""
@@ -394,5 +393,7 @@ def make_synthetic_ijb(out_dir, num_identities: int = 50, images_per_identity: i
             (out / "loose_crop" / name).write_bytes(render_image(seed, ident, j, params))
             names.append(name)
             ids.append(ident)
-    meta = write_ijb_meta(out / "meta", prefix, names, ids, images_per_template=images_per_template, seed=seed)
+    meta = write_ijb_meta(
+        out / "meta", prefix, names, ids, images_per_template=images_per_template, seed=seed
+    )
     return dict(folder=str(out), prefix=prefix, images=len(names), meta=meta)

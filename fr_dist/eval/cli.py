@@ -56,10 +56,15 @@ def run_eval_cli(args) -> int:
         if env.is_main:
             print(format_table(results))
             if "ijb" in results:
-                print("IJB TAR@FAR: " + ", ".join(f"{k}={v:.4f}" for k, v in results["ijb"].items() if k.startswith("tar")))
+                print(
+                    "IJB TAR@FAR: "
+                    + ", ".join(f"{k}={v:.4f}" for k, v in results["ijb"].items() if k.startswith("tar"))
+                )
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(dict(checkpoint=str(args.checkpoint), model=spec, sets=results), indent=1))
+                Path(args.json).write_text(
+                    json.dumps(dict(checkpoint=str(args.checkpoint), model=spec, sets=results), indent=1)
+                )
                 print(f"wrote {args.json}")
     except Exception:
         import traceback

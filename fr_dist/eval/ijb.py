@@ -149,9 +149,7 @@ def read_ijb_meta(meta_dir, prefix: str) -> IJBMeta:
             try:
                 values.append(float(terms[-1]))
             except ValueError:
-                raise ValueError(
-                    f"{score_file}:{lineno}: faceness {terms[-1]!r} is not a number"
-                ) from None
+                raise ValueError(f"{score_file}:{lineno}: faceness {terms[-1]!r} is not a number") from None
             if len(terms) == 12:  # name, 5 (x, y) landmarks, score
                 try:
                     points.append([float(t) for t in terms[1:11]])
@@ -175,13 +173,10 @@ def read_ijb_meta(meta_dir, prefix: str) -> IJBMeta:
 def find_ijb_prefix(folder) -> str:
     """The ``<prefix>`` of the single ``<prefix>_face_tid_mid.txt`` in ``folder`` or ``folder/meta``."""
     folder = Path(folder)
-    found = sorted(folder.glob("*_face_tid_mid.txt")) or sorted(
-        (folder / "meta").glob("*_face_tid_mid.txt")
-    )
+    found = sorted(folder.glob("*_face_tid_mid.txt")) or sorted((folder / "meta").glob("*_face_tid_mid.txt"))
     if len(found) != 1:
         raise ValueError(
-            f"{folder}: expected one *_face_tid_mid.txt (here or in meta/), "
-            f"found {[f.name for f in found]}"
+            f"{folder}: expected one *_face_tid_mid.txt (here or in meta/), found {[f.name for f in found]}"
         )
     return found[0].name[: -len("_face_tid_mid.txt")]
 
@@ -244,9 +239,7 @@ def write_ijb_meta(
     genuine = np.stack([ti[same], tj[same]], axis=1)
     impostor = np.stack([ti[~same], tj[~same]], axis=1)
     if impostor.shape[0] > max_impostor_pairs:
-        impostor = impostor[
-            np.sort(rng.choice(impostor.shape[0], max_impostor_pairs, replace=False))
-        ]
+        impostor = impostor[np.sort(rng.choice(impostor.shape[0], max_impostor_pairs, replace=False))]
     if genuine.shape[0] == 0 or impostor.shape[0] == 0:
         raise ValueError(
             f"{genuine.shape[0]} genuine and {impostor.shape[0]} impostor pairs: need identities with "
@@ -265,14 +258,10 @@ def write_ijb_meta(
     paths["face_tid_mid"].write_text(
         "".join(f"{n} {t} {m}\n" for n, t, m in zip(names, template_of, media_of))
     )
-    paths["template_pair_label"].write_text(
-        "".join(f"{a} {b} {lab}\n" for (a, b), lab in zip(pairs, labels))
-    )
+    paths["template_pair_label"].write_text("".join(f"{a} {b} {lab}\n" for (a, b), lab in zip(pairs, labels)))
     lmk = " ".join(f"{v:.4f}" for v in _ARCFACE_5PTS.ravel())
     scores = np.ones(len(names)) if faceness is None else np.asarray(faceness, dtype=np.float64)
-    paths["name_5pts_score"].write_text(
-        "".join(f"{n} {lmk} {s:.6f}\n" for n, s in zip(names, scores))
-    )
+    paths["name_5pts_score"].write_text("".join(f"{n} {lmk} {s:.6f}\n" for n, s in zip(names, scores)))
     return {
         "images": len(names),
         "identities": int(np.unique(ids).size),
@@ -514,9 +503,7 @@ def evaluate_ijb_folder(
         parts = []
         for s in range(0, len(meta.image_names), chunk):
             names = meta.image_names[s : s + chunk]
-            lmk = (
-                meta.landmarks[s : s + chunk] if meta.landmarks is not None else [None] * len(names)
-            )
+            lmk = meta.landmarks[s : s + chunk] if meta.landmarks is not None else [None] * len(names)
             images = np.stack([_load_face(root / n, size, pt) for n, pt in zip(names, lmk)])
             _, flip_sum = embed_images(model, images, batch_size, device, True, rank, world, group)
             parts.append(flip_sum)  # [chunk, D]: embedding + embedding of the mirror (F2)

@@ -90,9 +90,7 @@ class ShardedClassifier(nn.Module):
         rows = weight[self.class_start : self.class_start + self.num_local]
         self.weight.copy_(rows.to(self.weight.dtype))
 
-    def gather(
-        self, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the local batch and all-gather it: [B, D], [B] -> [W*B, D], [W*B] (int64)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(

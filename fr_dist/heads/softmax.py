@@ -61,9 +61,7 @@ class _DistCrossEntropy(torch.autograd.Function):
             if n:
                 local_max = logits.max(dim=1).values  # [N]
             else:
-                local_max = torch.full(
-                    (N,), float("-inf"), dtype=logits.dtype, device=logits.device
-                )
+                local_max = torch.full((N,), float("-inf"), dtype=logits.dtype, device=logits.device)
             gmax = comm.all_reduce(local_max, "max", group, name="softmax_max")  # [N]
             e = torch.exp(logits - gmax.unsqueeze(1))  # [N, n]
             gsum = comm.all_reduce(e.sum(dim=1), "sum", group, name="softmax_sum")  # [N]
@@ -85,9 +83,7 @@ class _DistCrossEntropy(torch.autograd.Function):
         return g * grad_out, None, None
 
 
-def distributed_cross_entropy(
-    logits: torch.Tensor, target_col: torch.Tensor, group=None
-) -> torch.Tensor:
+def distributed_cross_entropy(logits: torch.Tensor, target_col: torch.Tensor, group=None) -> torch.Tensor:
     """Class-sharded softmax cross-entropy: all-reduce MAX, SUM and the target probability ([N] each)."""
     return _DistCrossEntropy.apply(logits, target_col, comm.resolve_group(group))
 
@@ -175,9 +171,7 @@ class PartialFCHead(ShardedClassifier):
         target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
         weight = self.weight  # [n_r, D]
         if self.sample_rate < 1.0:
-            index, target_col = sample_classes(
-                target_col, self.num_local, self.sample_rate, self.generator
-            )
+            index, target_col = sample_classes(target_col, self.num_local, self.sample_rate, self.generator)
             self.weight_index = index
             weight = weight[index]  # [S, D]; unsampled rows get zero gradient
         x_hat = F.normalize(x_all, dim=1)  # [W*B, D]
@@ -185,7 +179,5 @@ class PartialFCHead(ShardedClassifier):
         cos = F.linear(x_hat, w_hat)  # [W*B, S]
         cos = (cos.float() if cos.dtype in (torch.bfloat16, torch.float16) else cos).clamp(-1, 1)
         is_t = target_mask(target_col, cos.shape[1])  # [W*B, S]
-        logits = _margin_logits(
-            cos, is_t, self.margin, self.s, self.m1, self.m2, self.m3, self.grad
-        )
+        logits = _margin_logits(cos, is_t, self.margin, self.s, self.m1, self.m2, self.m3, self.grad)
         return distributed_cross_entropy(logits, target_col, self.process_group)

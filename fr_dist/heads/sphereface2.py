@@ -224,8 +224,7 @@ class SphereFace2Head(ShardedClassifier):
 
     def extra_repr(self) -> str:
         return (
-            super().extra_repr()
-            + f", lam={self.lam}, r={self.r}, m={self.m}, t={self.t}, lw={self.lw}, "
+            super().extra_repr() + f", lam={self.lam}, r={self.r}, m={self.m}, t={self.t}, lw={self.lw}, "
             f"margin={self.margin}, grad={self.grad}"
         )
 
@@ -244,9 +243,7 @@ class SphereFace2Head(ShardedClassifier):
         w_hat = w / w.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n_r, D]
         cos = F.linear(x_hat, w_hat)  # [W*B, n_r] (bf16 under autocast)
         cos = cos.float() if cos.dtype in (torch.bfloat16, torch.float16) else cos
-        bias = comm.copy_to_shards(
-            self.bias, self.process_group, name="bias"
-        )  # bwd: 1-elem all-reduce
+        bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
         partial = sphereface2_partial_loss(
             cos,
             target_col,
@@ -260,6 +257,4 @@ class SphereFace2Head(ShardedClassifier):
             grad=self.grad,
             batch_size=x_all.shape[0],
         )
-        return comm.reduce_from_shards(
-            partial, self.process_group, name="loss"
-        )  # 1-elem all-reduce
+        return comm.reduce_from_shards(partial, self.process_group, name="loss")  # 1-elem all-reduce

@@ -108,9 +108,7 @@ class IBasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None
-    ):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)
         self.conv1 = conv3x3(inplanes, planes)
@@ -147,9 +145,7 @@ class IResNet(nn.Module):
         if len(layers) != 4 or min(layers) < 1:
             raise ValueError(f"iresnet layers must be 4 positive block counts, got {layers}")
         if width < 1 or stem_stride < 1:
-            raise ValueError(
-                f"iresnet width and stem_stride must be >= 1, got {width}, {stem_stride}"
-            )
+            raise ValueError(f"iresnet width and stem_stride must be >= 1, got {width}, {stem_stride}")
         self.embedding_size, self.input_size = int(embedding_size), int(input_size)
         self.fp16 = fp16
         self.activation_checkpointing = activation_checkpointing
@@ -200,9 +196,7 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = (
-            torch.autocast(x.device.type, dtype=torch.float16)
-            if self.fp16
-            else contextlib.nullcontext()
+            torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
         )
         with autocast:
             x = self.prelu(self.bn1(self.conv1(x)))  # [N, 3, S, S] -> [N, w, S/st, S/st]
@@ -215,9 +209,7 @@ class IResNet(nn.Module):
         return self.features(x)
 
 
-def iresnet(
-    layers: Sequence[int] = (2, 2, 2, 2), width: int = 64, stem_stride: int = 1, **kwargs
-) -> IResNet:
+def iresnet(layers: Sequence[int] = (2, 2, 2, 2), width: int = 64, stem_stride: int = 1, **kwargs) -> IResNet:
     """Configurable IResNet (``create_backbone("iresnet", layers=[...], width=..., ...)``)."""
     return IResNet(list(layers), width=width, stem_stride=stem_stride, **kwargs)
 

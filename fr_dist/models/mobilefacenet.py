@@ -33,9 +33,7 @@ class ConvBlock(nn.Module):
     def __init__(self, in_c, out_c, kernel=(1, 1), stride=(1, 1), padding=(0, 0), groups=1):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(
-                in_c, out_c, kernel, groups=groups, stride=stride, padding=padding, bias=False
-            ),
+            nn.Conv2d(in_c, out_c, kernel, groups=groups, stride=stride, padding=padding, bias=False),
             nn.BatchNorm2d(num_features=out_c),
             nn.PReLU(num_parameters=out_c),
         )
@@ -61,9 +59,7 @@ class LinearBlock(nn.Module):
 class DepthWise(nn.Module):
     """Inverted bottleneck: 1x1 expand to ``groups`` - depthwise kxk - 1x1 linear projection."""
 
-    def __init__(
-        self, in_c, out_c, residual=False, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=1
-    ):
+    def __init__(self, in_c, out_c, residual=False, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=1):
         super().__init__()
         self.residual = residual
         self.layers = nn.Sequential(
@@ -94,9 +90,7 @@ class GDC(nn.Module):
     def __init__(self, embedding_size: int, spatial: int = 7, dropout: float = 0.0):
         super().__init__()
         self.layers = nn.Sequential(
-            LinearBlock(
-                512, 512, groups=512, kernel=(spatial, spatial), stride=(1, 1), padding=(0, 0)
-            ),
+            LinearBlock(512, 512, groups=512, kernel=(spatial, spatial), stride=(1, 1), padding=(0, 0)),
             Flatten(),
             nn.Linear(512, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
@@ -132,9 +126,7 @@ class MobileFaceNet(nn.Module):
         self.layers = nn.ModuleList()
         self.layers.append(ConvBlock(3, c1, kernel=(3, 3), stride=(2, 2), padding=(1, 1)))
         if blocks[0] == 1:
-            self.layers.append(
-                ConvBlock(c1, c1, kernel=(3, 3), stride=(1, 1), padding=(1, 1), groups=64)
-            )
+            self.layers.append(ConvBlock(c1, c1, kernel=(3, 3), stride=(1, 1), padding=(1, 1), groups=64))
         else:
             self.layers.append(Residual(c1, num_block=blocks[0], groups=128))
         self.layers.extend(
@@ -163,9 +155,7 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = (
-            torch.autocast(x.device.type, dtype=torch.float16)
-            if self.fp16
-            else contextlib.nullcontext()
+            torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
         )
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         with autocast:

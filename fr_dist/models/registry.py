@@ -109,9 +109,7 @@ def create_backbone(
         if name not in _REGISTRY:
             near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(
-                f"unknown backbone {name!r}{hint}; known backbones: {list_backbones()}"
-            )
+            raise ValueError(f"unknown backbone {name!r}{hint}; known backbones: {list_backbones()}")
         fn = _REGISTRY[name]
         _check_kwargs(name, fn, {**common, **kwargs})
         model = fn(**common, **kwargs)

@@ -56,9 +56,7 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"timm backbone {model_name!r}: {e}") from e
         if activation_checkpointing:
             if not hasattr(self.trunk, "set_grad_checkpointing"):
-                raise ValueError(
-                    f"timm model {model_name!r} does not support activation checkpointing"
-                )
+                raise ValueError(f"timm model {model_name!r} does not support activation checkpointing")
             self.trunk.set_grad_checkpointing(True)
         features = getattr(self.trunk, "num_features", None)
         if features is None:
@@ -72,9 +70,7 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = (
-            torch.autocast(x.device.type, dtype=torch.float16)
-            if self.fp16
-            else contextlib.nullcontext()
+            torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
         )
         with autocast:
             f = self.trunk(x)  # [N, 3, S, S] -> [N, F]

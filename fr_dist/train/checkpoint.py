@@ -66,9 +66,7 @@ def list_checkpoints(output_dir) -> list[Path]:
     root = _ckpt_root(output_dir)
     if not root.is_dir():
         return []
-    done = [
-        p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "meta.json").is_file()
-    ]
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "meta.json").is_file()]
     return sorted(done, key=lambda p: int(p.name))
 
 
@@ -160,8 +158,7 @@ def save_head_shard(head, optimizer, folder: Path, rank: int) -> None:
         for p in group["params"]:
             if id(p) in names and p in optimizer.state:
                 opt_state[names[id(p)]] = {
-                    k: (v.detach().cpu() if torch.is_tensor(v) else v)
-                    for k, v in optimizer.state[p].items()
+                    k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()
                 }
     shard = dict(
         class_start=head.class_start,
@@ -184,9 +181,7 @@ def _overlap(a0, an, b0, bn):
 @torch.no_grad()
 def load_head_shard(head, optimizer, folder: Path) -> None:
     """Fill this rank's rows (and row-wise optimizer state) from the saved shards of any world size."""
-    files = sorted(
-        Path(folder).glob("head_rank*.pt"), key=lambda p: int(p.stem.replace("head_rank", ""))
-    )
+    files = sorted(Path(folder).glob("head_rank*.pt"), key=lambda p: int(p.stem.replace("head_rank", "")))
     if not files:
         raise CheckpointError(f"{folder}: no head_rank*.pt files")
     names = dict(head.named_parameters())
@@ -211,9 +206,7 @@ def load_head_shard(head, optimizer, folder: Path) -> None:
                     names[n].copy_(v)
             for n, st in shard["optimizer_state"].items():
                 if n != "weight":
-                    loaded_state[n] = {
-                        k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()
-                    }
+                    loaded_state[n] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
         ov = _overlap(my0, myn, shard["class_start"], shard["num_local"])
         if ov is None:
             continue
@@ -231,9 +224,7 @@ def load_head_shard(head, optimizer, folder: Path) -> None:
             else:
                 tgt.setdefault(k, v.clone() if torch.is_tensor(v) else v)
     if covered != myn:
-        raise CheckpointError(
-            f"{folder}: saved shards cover {covered} of this rank's {myn} classes"
-        )
+        raise CheckpointError(f"{folder}: saved shards cover {covered} of this rank's {myn} classes")
     own = folder / f"head_rank{head.rank}.pt"
     # the sampling stream of each rank continues only when the world size is unchanged
     if hasattr(head, "generator") and own.exists():
@@ -246,8 +237,7 @@ def load_head_shard(head, optimizer, folder: Path) -> None:
                 continue
             p = opt_param[n]
             optimizer.state[p] = {
-                k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
-                for k, v in st.items()
+                k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()
             }
 
 
@@ -353,9 +343,7 @@ def load_trainer(tr, path) -> None:
             f"checkpoint {path} was written by engine={meta.get('engine')}, config has engine={tr.cfg.engine}"
         )
     if tr.bb.ds is not None:
-        tr.bb.ds.load_checkpoint(
-            str(path / "deepspeed"), tag="engine", load_lr_scheduler_states=False
-        )
+        tr.bb.ds.load_checkpoint(str(path / "deepspeed"), tag="engine", load_lr_scheduler_states=False)
     else:
         tr.bb.bare.load_state_dict(
             torch.load(path / "backbone.pt", map_location=tr.device, weights_only=False)

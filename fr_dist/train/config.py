@@ -527,9 +527,7 @@ def _coerce(value: Any, typ, key: str):
         return str(value)
     if typ is list or origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(
-                f"{key}: expected a list, got {value!r} (write lists as [a, b] in overrides)"
-            )
+            raise ConfigError(f"{key}: expected a list, got {value!r} (write lists as [a, b] in overrides)")
         args = typing.get_args(typ)
         if args and args[0] is not Any:
             return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
@@ -545,9 +543,7 @@ def _build(cls, data: Any, path: str = "", source: str = ""):
     """Nested dict -> dataclass instance; unknown keys and wrong types are ConfigErrors."""
     where = f"{source}: " if source else ""
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where}'{path.rstrip('.') or 'config'}' must be a mapping of keys, got {data!r}"
-        )
+        raise ConfigError(f"{where}'{path.rstrip('.') or 'config'}' must be a mapping of keys, got {data!r}")
     hints = _hints(cls)
     names = {f.name for f in fields(cls)}
     for k in data:
@@ -621,9 +617,7 @@ def _leaf_type(parts: list[str], item: str):
 def _override_to_dict(item: str) -> dict:
     """``a.b.c=value`` -> ``{a: {b: {c: value}}}``; the value is parsed as a YAML scalar / list."""
     if "=" not in item:
-        raise ConfigError(
-            f"override {item!r} is not of the form key.sub=value (e.g. train.lr=0.05)"
-        )
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.lr=0.05)")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     typ = _leaf_type(parts, item)
@@ -795,9 +789,7 @@ def validate(cfg: Config) -> None:
     _positive(sf.t, "head.sphereface2.t")
     _positive(sf.lw, "head.sphereface2.lw")
     if sf.margin == "M":
-        _check(
-            sf.m >= 1, "head.sphereface2.m", sf.m, "must be >= 1 for the multiplicative margin M"
-        )
+        _check(sf.m >= 1, "head.sphereface2.m", sf.m, "must be >= 1 for the multiplicative margin M")
     else:
         _positive(sf.m, "head.sphereface2.m", strict=False)
     pf = cfg.head.partial_fc
@@ -834,9 +826,7 @@ def validate(cfg: Config) -> None:
     _positive(t.head_lr, "train.head_lr")
     _positive(t.weight_decay, "train.weight_decay", strict=False)
     _positive(t.head_weight_decay, "train.head_weight_decay", strict=False)
-    _check(
-        t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1 (1 = no accumulation)"
-    )
+    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1 (1 = no accumulation)")
     _positive(t.epochs, "train.epochs", strict=False)
     _positive(t.max_steps, "train.max_steps", strict=False)
     if t.epochs == 0 and t.max_steps == 0:
@@ -863,13 +853,9 @@ def validate(cfg: Config) -> None:
     _positive(t.warmup_epochs, "train.warmup_epochs", strict=False)
     _positive(t.warmup_steps, "train.warmup_steps", strict=False)
     if t.max_steps == 0 and t.warmup_epochs > t.epochs:
-        raise ConfigError(
-            f"train.warmup_epochs={t.warmup_epochs} is longer than train.epochs={t.epochs}"
-        )
+        raise ConfigError(f"train.warmup_epochs={t.warmup_epochs} is longer than train.epochs={t.epochs}")
     if t.max_steps > 0 and t.warmup_steps > t.max_steps:
-        raise ConfigError(
-            f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}"
-        )
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}")
     _check(
         len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
         "train.betas",
@@ -877,8 +863,7 @@ def validate(cfg: Config) -> None:
         "must be two numbers in [0, 1)",
     )
     _check(
-        all(m >= 0 for m in t.milestones)
-        and all(a < b for a, b in zip(t.milestones, t.milestones[1:])),
+        all(m >= 0 for m in t.milestones) and all(a < b for a, b in zip(t.milestones, t.milestones[1:])),
         "train.milestones",
         t.milestones,
         "must be strictly increasing epochs >= 0",
@@ -890,9 +875,7 @@ def validate(cfg: Config) -> None:
     c = cfg.checkpoint
     _positive(c.every, "checkpoint.every", strict=False)
     _positive(c.keep, "checkpoint.keep", strict=False)
-    _check(
-        c.resume != "", "checkpoint.resume", c.resume, "must be none, auto or a checkpoint folder"
-    )
+    _check(c.resume != "", "checkpoint.resume", c.resume, "must be none, auto or a checkpoint folder")
     e = cfg.eval
     _positive(e.every, "eval.every", strict=False)
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
@@ -900,9 +883,7 @@ def validate(cfg: Config) -> None:
 
     # ---- engine / precision
     ds = cfg.deepspeed
-    _check(
-        ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "must be 0, 1, 2 or 3"
-    )
+    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "must be 0, 1, 2 or 3")
     if ds.bf16 and ds.fp16:
         raise ConfigError("deepspeed.bf16 and deepspeed.fp16 are both true: choose one")
     if cfg.device == "cpu":

@@ -64,9 +64,7 @@ def apply_compile(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
-def apply_ddp(
-    model: nn.Module, dims: ParallelDims, device: torch.device, process_group=None
-) -> nn.Module:
+def apply_ddp(model: nn.Module, dims: ParallelDims, device: torch.device, process_group=None) -> nn.Module:
     """Wrap in DistributedDataParallel when there is more than one rank (else unchanged)."""
     if dims.dp == 1:
         return model

@@ -50,9 +50,7 @@ class MetricsLogger:
             run continues the same file.
     """
 
-    def __init__(
-        self, output_dir, rank: int, tensorboard: bool = True, filename: str = "metrics.jsonl"
-    ):
+    def __init__(self, output_dir, rank: int, tensorboard: bool = True, filename: str = "metrics.jsonl"):
         self.enabled = int(rank) == 0
         self.tb = None
         self.file = None
@@ -65,9 +63,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # tensorboard is a dependency, but degrade rather than die
-                warnings.warn(
-                    f"TensorBoard unavailable ({e}); metrics go to {self.path} only", stacklevel=2
-                )
+                warnings.warn(f"TensorBoard unavailable ({e}); metrics go to {self.path} only", stacklevel=2)
             else:
                 self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
 
@@ -186,17 +182,11 @@ def format_progress(
     width = len(str(total))
     pct = 100.0 * step / total if total else 0.0
     loss_s = f"{loss:9.4f}" if loss is not None else "      n/a"
-    ep = (
-        f"{epoch:.2f}"
-        if isinstance(epoch, float) and not float(epoch).is_integer()
-        else f"{int(epoch)}"
-    )
+    ep = f"{epoch:.2f}" if isinstance(epoch, float) and not float(epoch).is_integer() else f"{int(epoch)}"
     line = (
         f"step {step:>{width}}/{total} ({pct:.1f}%) | epoch {ep} | loss {loss_s} | "
         f"lr {lr:.5g} | {images_per_s:8.1f} img/s | eta {format_duration(eta_s)}"
     )
     if isinstance(extra, dict):
-        extra = " | ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()
-        )
+        extra = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
     return line + (f" | {extra}" if extra else "")

@@ -60,11 +60,7 @@ def optimizer_steps_per_epoch(
             f"need images_per_epoch >= 0, global_batch >= 1, grad_accum >= 1; got "
             f"{images_per_epoch}, {global_batch}, {grad_accum}"
         )
-    micro = (
-        images_per_epoch // global_batch
-        if drop_last
-        else math.ceil(images_per_epoch / global_batch)
-    )
+    micro = images_per_epoch // global_batch if drop_last else math.ceil(images_per_epoch / global_batch)
     return max(1, micro // grad_accum)
 
 
@@ -95,9 +91,7 @@ def resolve_schedule(train_cfg, steps_per_epoch: int) -> dict:
     """
     t = train_cfg
     total = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
-    warmup = (
-        t.warmup_steps if t.warmup_steps > 0 else epochs_to_steps(t.warmup_epochs, steps_per_epoch)
-    )
+    warmup = t.warmup_steps if t.warmup_steps > 0 else epochs_to_steps(t.warmup_epochs, steps_per_epoch)
     return dict(
         total_steps=int(total),
         warmup_steps=int(min(warmup, total)),

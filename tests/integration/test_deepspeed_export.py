@@ -20,7 +20,9 @@ def tiny_data(tmp_path_factory):
     from fr_dist.data import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("syn_ds")
-    make_synthetic_dataset(out, num_identities=16, images_per_identity=4, heldout_identities=10, heldout_pairs=20, seed=6)
+    make_synthetic_dataset(
+        out, num_identities=16, images_per_identity=4, heldout_identities=10, heldout_pairs=20, seed=6
+    )
     return out
 
 
@@ -31,9 +33,16 @@ def test_deepspeed_zero1_bf16_trains_checkpoints_resumes(tiny_data, tmp_path):
     ov = _overrides(
         tiny_data,
         tmp_path / "ds",
-        **{"engine": "deepspeed", "deepspeed.zero_stage": 1, "deepspeed.bf16": True, "train.max_steps": 6,
-           "checkpoint.every": 3, "train.momentum": 0.9, "model.name": "iresnet",
-           "model.kwargs": "{layers: [1, 1, 1, 1], width: 8, stem_stride: 2}"},
+        **{
+            "engine": "deepspeed",
+            "deepspeed.zero_stage": 1,
+            "deepspeed.bf16": True,
+            "train.max_steps": 6,
+            "checkpoint.every": 3,
+            "train.momentum": 0.9,
+            "model.name": "iresnet",
+            "model.kwargs": "{layers: [1, 1, 1, 1], width: 8, stem_stride: 2}",
+        },
     )
     first = spawn_gloo(_train, 2, args=(ov, 3), timeout_s=600)
     assert first[0]["step"] == 3
@@ -59,14 +68,32 @@ def test_onnx_export_matches_pytorch(tiny_data, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) not installed")
     import onnxruntime as ort
 
-    ov = _overrides(tiny_data, tmp_path / "run", **{"train.max_steps": 2, "checkpoint.save_at_end": True,
-                                                     "model.name": "iresnet",
-                                                     "model.kwargs": "{layers: [1, 1, 1, 1], width: 8, stem_stride: 2}"})
+    ov = _overrides(
+        tiny_data,
+        tmp_path / "run",
+        **{
+            "train.max_steps": 2,
+            "checkpoint.save_at_end": True,
+            "model.name": "iresnet",
+            "model.kwargs": "{layers: [1, 1, 1, 1], width: 8, stem_stride: 2}",
+        },
+    )
     spawn_gloo(_train, 1, args=(ov,), timeout_s=300)
     r = subprocess.run(
-        [sys.executable, "-m", "fr_dist.cli", "export", str(tmp_path / "run"), "--torch", str(tmp_path / "b.pt"),
-         "--onnx", str(tmp_path / "b.onnx")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fr_dist.cli",
+            "export",
+            str(tmp_path / "run"),
+            "--torch",
+            str(tmp_path / "b.pt"),
+            "--onnx",
+            str(tmp_path / "b.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     from fr_dist.export import load_exported
@@ -84,9 +111,23 @@ def test_onnx_export_matches_pytorch(tiny_data, tmp_path):
     for ckpt in (tmp_path / "b.pt", tmp_path / "run"):
         js = tmp_path / f"eval_{ckpt.name}.json"
         r = subprocess.run(
-            [sys.executable, "-m", "fr_dist.cli", "eval", "--checkpoint", str(ckpt), "--bin",
-             str(tiny_data / "heldout.bin"), "--json", str(js), "--nfolds", "5"],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "fr_dist.cli",
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--bin",
+                str(tiny_data / "heldout.bin"),
+                "--json",
+                str(js),
+                "--nfolds",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert r.returncode == 0, r.stderr[-3000:]
         assert "heldout" in r.stdout and "accuracy" in r.stdout

@@ -21,7 +21,9 @@ def tiny_data(tmp_path_factory):
     from fr_dist.data import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("syn")
-    make_synthetic_dataset(out, num_identities=24, images_per_identity=6, heldout_identities=10, heldout_pairs=20, seed=5)
+    make_synthetic_dataset(
+        out, num_identities=24, images_per_identity=6, heldout_identities=10, heldout_pairs=20, seed=5
+    )
     return out
 
 
@@ -31,7 +33,13 @@ class FlatNet(nn.Module):
     def __init__(self, embedding_size=16, input_size=112, dropout=0.0, activation_checkpointing=False, **_):
         super().__init__()
         self.embedding_size, self.input_size = embedding_size, input_size
-        self.net = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(3 * 14 * 14, 32), nn.PReLU(), nn.Linear(32, embedding_size))
+        self.net = nn.Sequential(
+            nn.AvgPool2d(8),
+            nn.Flatten(),
+            nn.Linear(3 * 14 * 14, 32),
+            nn.PReLU(),
+            nn.Linear(32, embedding_size),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -97,11 +105,22 @@ def _full_head(results):
 
 @pytest.mark.parametrize("head", ["sphereface2", "partial_fc"])
 def test_two_rank_training_loss_decreases(tiny_data, tmp_path, head):
-    ov = _overrides(tiny_data, tmp_path / head, **{"head.name": head, "train.max_steps": 30, "train.lr": 0.05,
-                                                    "data.batch_size": 8, "train.momentum": 0.9})
+    ov = _overrides(
+        tiny_data,
+        tmp_path / head,
+        **{
+            "head.name": head,
+            "train.max_steps": 30,
+            "train.lr": 0.05,
+            "data.batch_size": 8,
+            "train.momentum": 0.9,
+        },
+    )
     res = spawn_gloo(_train, 2, args=(ov,), timeout_s=300)
     losses = [m["loss"] for m in res[0]["metrics"]]
-    assert len(losses) == 30 and all(set(m) >= {"step", "loss", "lr", "images_per_s"} for m in res[0]["metrics"])
+    assert len(losses) == 30 and all(
+        set(m) >= {"step", "loss", "lr", "images_per_s"} for m in res[0]["metrics"]
+    )
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
     assert (tmp_path / head / "config.yaml").is_file()
 
@@ -109,8 +128,24 @@ def test_two_rank_training_loss_decreases(tiny_data, tmp_path, head):
 @pytest.mark.parametrize("head", ["sphereface2", "partial_fc"])
 def test_two_rank_step_equals_one_rank_step(tiny_data, tmp_path, head):
     """DDP averages backbone grads; the head's reduce-scatter scales by W exactly once."""
-    one = spawn_gloo(_train, 1, args=(_overrides(tiny_data, tmp_path / "w1", **{"head.name": head, "data.batch_size": 8, "train.max_steps": 1}),))
-    two = spawn_gloo(_train, 2, args=(_overrides(tiny_data, tmp_path / "w2", **{"head.name": head, "data.batch_size": 4, "train.max_steps": 1}),))
+    one = spawn_gloo(
+        _train,
+        1,
+        args=(
+            _overrides(
+                tiny_data, tmp_path / "w1", **{"head.name": head, "data.batch_size": 8, "train.max_steps": 1}
+            ),
+        ),
+    )
+    two = spawn_gloo(
+        _train,
+        2,
+        args=(
+            _overrides(
+                tiny_data, tmp_path / "w2", **{"head.name": head, "data.batch_size": 4, "train.max_steps": 1}
+            ),
+        ),
+    )
     for k, v in one[0]["backbone"].items():
         torch.testing.assert_close(two[0]["backbone"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         torch.testing.assert_close(two[1]["backbone"][k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -118,8 +153,28 @@ def test_two_rank_step_equals_one_rank_step(tiny_data, tmp_path, head):
 
 
 def test_grad_accumulation_2x2_equals_4x1(tiny_data, tmp_path):
-    acc = spawn_gloo(_train, 2, args=(_overrides(tiny_data, tmp_path / "a", **{"data.batch_size": 2, "train.grad_accum": 2, "train.max_steps": 2}),))
-    big = spawn_gloo(_train, 2, args=(_overrides(tiny_data, tmp_path / "b", **{"data.batch_size": 4, "train.grad_accum": 1, "train.max_steps": 2}),))
+    acc = spawn_gloo(
+        _train,
+        2,
+        args=(
+            _overrides(
+                tiny_data,
+                tmp_path / "a",
+                **{"data.batch_size": 2, "train.grad_accum": 2, "train.max_steps": 2},
+            ),
+        ),
+    )
+    big = spawn_gloo(
+        _train,
+        2,
+        args=(
+            _overrides(
+                tiny_data,
+                tmp_path / "b",
+                **{"data.batch_size": 4, "train.grad_accum": 1, "train.max_steps": 2},
+            ),
+        ),
+    )
     # the same 16 samples per optimizer step; the schedule advanced once per optimizer step
     assert [m["lr"] for m in acc[0]["metrics"]] == [m["lr"] for m in big[0]["metrics"]]
     for k, v in big[0]["backbone"].items():
@@ -140,21 +195,37 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
     torch.testing.assert_close(_full_head(resumed), _full_head(full), rtol=1e-6, atol=1e-7)
     # reshard: resume the step-10 checkpoint on 1 and on 3 ranks and keep training
     for world in (1, 3):
-        other = spawn_gloo(_train, world, args=(part + ["checkpoint.resume=" + str(tmp_path / "part" / "checkpoints" / "10"), f"output_dir={tmp_path / f'w{world}'}", f"data.batch_size={8 // world if world == 1 else 4}"],))
+        other = spawn_gloo(
+            _train,
+            world,
+            args=(
+                part
+                + [
+                    "checkpoint.resume=" + str(tmp_path / "part" / "checkpoints" / "10"),
+                    f"output_dir={tmp_path / f'w{world}'}",
+                    f"data.batch_size={8 // world if world == 1 else 4}",
+                ],
+            ),
+        )
         assert other[0]["step"] == 20
 
 
 @pytest.mark.parametrize("head", ["sphereface2", "partial_fc"])
 def test_bf16_autocast_and_bf16_classifier_train(tiny_data, tmp_path, head):
-    ov = _overrides(tiny_data, tmp_path, **{"head.name": head, "train.amp": "bf16", "head.dtype": "bf16",
-                                            "train.max_steps": 4})
+    ov = _overrides(
+        tiny_data,
+        tmp_path,
+        **{"head.name": head, "train.amp": "bf16", "head.dtype": "bf16", "train.max_steps": 4},
+    )
     res = spawn_gloo(_train, 2, args=(ov,))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in res[0]["metrics"])
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tiny_data, tmp_path):
     """lr=1e30 blows the weights up: steps are skipped with a warning, then training aborts."""
-    ov = _overrides(tiny_data, tmp_path, **{"train.lr": 1e30, "train.max_steps": 20, "train.max_nonfinite_steps": 3})
+    ov = _overrides(
+        tiny_data, tmp_path, **{"train.lr": 1e30, "train.max_steps": 20, "train.max_nonfinite_steps": 3}
+    )
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
         spawn_gloo(_train, 2, args=(ov,))
     steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -162,7 +233,9 @@ def test_nonfinite_steps_are_skipped_then_abort(tiny_data, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fr_dist.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fr_dist.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,8 +250,16 @@ def _cli(*args):
     ],
 )
 def test_bad_config_fails_before_launch(tiny_data, tmp_path, override, message):
-    r = _cli("train", "--config", "configs/demo_cpu.yaml", f"data.rec={tiny_data / 'train.rec'}",
-             "data.synthetic.generate=false", f"eval.bins=[{tiny_data / 'heldout.bin'}]", f"output_dir={tmp_path}", override)
+    r = _cli(
+        "train",
+        "--config",
+        "configs/demo_cpu.yaml",
+        f"data.rec={tiny_data / 'train.rec'}",
+        "data.synthetic.generate=false",
+        f"eval.bins=[{tiny_data / 'heldout.bin'}]",
+        f"output_dir={tmp_path}",
+        override,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr, r.stderr
     assert not (tmp_path / "config.yaml").exists()  # nothing started

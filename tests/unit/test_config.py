@@ -287,9 +287,7 @@ def test_backbone_kwargs_checked_before_launch():
 def test_precision_rules():
     assert "bf16" in err(["device=cpu", "train.amp=fp16"])
     assert "choose one" in err(["deepspeed.fp16=true"])
-    assert "CUDA" in err(
-        ["device=cpu", "engine=deepspeed", "deepspeed.bf16=false", "deepspeed.fp16=true"]
-    )
+    assert "CUDA" in err(["device=cpu", "engine=deepspeed", "deepspeed.bf16=false", "deepspeed.fp16=true"])
     cfg = load_config(None, ["train.amp=fp16"])  # device=auto: decided on the worker's device
     with pytest.raises(ConfigError, match="CUDA"):
         check_device(cfg, "cpu")

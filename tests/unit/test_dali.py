@@ -10,9 +10,7 @@ import torch
 
 pytestmark = pytest.mark.dali
 
-pytest.importorskip(
-    "nvidia.dali", reason="nvidia-dali is not installed (pip install 'fr_dist[dali]')"
-)
+pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (pip install 'fr_dist[dali]')")
 
 from fr_dist.data import build_train_loader, open_recordio  # noqa: E402
 from fr_dist.data.dali import DaliReaderSampler, image_index_path  # noqa: E402
@@ -68,9 +66,7 @@ def test_mxnet_reader_matches_torch_path(fixture_copy):
         loader.sampler.set_epoch(0)
         n = 0
         for x, y, keys in loader.iter_with_keys():
-            assert (
-                x.shape == (20, 3, 112, 112) and x.dtype == torch.float32 and y.dtype == torch.int64
-            )
+            assert x.shape == (20, 3, 112, 112) and x.dtype == torch.float32 and y.dtype == torch.int64
             for i, k in enumerate(keys.tolist()):
                 assert int(y[i]) == rec.label(k)
                 assert (x[i] - _ref(rec, k)).abs().max() <= TOL
@@ -82,9 +78,7 @@ def test_mxnet_reader_matches_torch_path(fixture_copy):
 
 def test_mxnet_reader_resume_same_world(fixture_copy):
     def run(state=None):
-        ld = build_train_loader(
-            fixture_copy, 0, 1, 25, seed=4, num_workers=1, backend="dali", flip=True
-        )
+        ld = build_train_loader(fixture_copy, 0, 1, 25, seed=4, num_workers=1, backend="dali", flip=True)
         ld.sampler.set_epoch(2)
         if state is not None:
             ld.sampler.load_state_dict(state)
@@ -96,24 +90,18 @@ def test_mxnet_reader_resume_same_world(fixture_copy):
     assert all(torch.equal(a[1], b[1]) for a, b in zip(resumed, full[3:]))
     with pytest.warns(UserWarning, match="cannot resume epoch 2 mid-way"):
         s = DaliReaderSampler(200, 0, 2, 25, seed=4, drop_last=True)
-        s.load_state_dict(
-            dict(epoch=2, consumed_global=75, num_samples=200, world_size=1, batch_size=25)
-        )
+        s.load_state_dict(dict(epoch=2, consumed_global=75, num_samples=200, world_size=1, batch_size=25))
     assert len(s) == 0
 
 
 def test_sampler_reader_equals_torch_loader(mxnet_fixture_dir):
     kw = dict(rank=1, world_size=3, batch_size=8, seed=6, num_workers=1, device="cpu", flip=True)
-    dali = build_train_loader(
-        mxnet_fixture_dir / "train.rec", backend="dali", dali_reader="sampler", **kw
-    )
+    dali = build_train_loader(mxnet_fixture_dir / "train.rec", backend="dali", dali_reader="sampler", **kw)
     torch_ld = build_train_loader(mxnet_fixture_dir / "train.rec", backend="torch", **kw)
     assert isinstance(dali.sampler, ShardedSampler) and len(dali) == len(torch_ld) == 200 // 24
     for ld in (dali, torch_ld):
         ld.sampler.set_epoch(1)
-        ld.sampler.load_state_dict(
-            dict(epoch=1, consumed_global=48, seed=6)
-        )  # resumable like torch
+        ld.sampler.load_state_dict(dict(epoch=1, consumed_global=48, seed=6))  # resumable like torch
     pairs = list(zip(dali, torch_ld))
     assert len(pairs) == 200 // 24 - 2
     for (xd, yd), (xt, yt) in pairs:

@@ -97,16 +97,12 @@ def _pfc_rank(rank, world, x_all, y_all, W, margin, kw):
     torch.set_default_dtype(torch.float64)
     B = x_all.shape[0] // world
     # world size factor: the golden dL_dx_raw carries insightface's x world-size convention
-    head = PartialFCHead(
-        W.shape[1], W.shape[0], margin=margin, embedding_grad_scale=world, **kw
-    ).double()
+    head = PartialFCHead(W.shape[1], W.shape[0], margin=margin, embedding_grad_scale=world, **kw).double()
     head.load_full_weight(W)
     x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
     loss = head(x, y_all[rank * B : (rank + 1) * B])
     loss.backward()
-    return dict(
-        loss=loss.detach(), dx=x.grad, dW=head.weight.grad, start=head.class_start, n=head.num_local
-    )
+    return dict(loss=loss.detach(), dx=x.grad, dW=head.weight.grad, start=head.class_start, n=head.num_local)
 
 
 PFC_KW = {
@@ -136,9 +132,7 @@ def test_pfc_dense_reference_reproduces_golden(pfc, world, margin):
     pre = f"ws{world}_{margin}"
     x = torch.tensor(pfc[f"ws{world}_x"], requires_grad=True)
     W = torch.tensor(pfc["W"], requires_grad=True)
-    loss = margin_softmax_loss(
-        x, W, torch.tensor(pfc[f"ws{world}_y"]), margin=margin, **PFC_KW[margin]
-    )
+    loss = margin_softmax_loss(x, W, torch.tensor(pfc[f"ws{world}_y"]), margin=margin, **PFC_KW[margin])
     loss.backward()
     close(loss, pfc[f"{pre}_loss"])
     close(x.grad * world, pfc[f"{pre}_dL_dx_raw"])

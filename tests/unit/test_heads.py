@@ -159,11 +159,7 @@ def test_softmax_finite_at_cos_plus_minus_one(margin, grad):
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], requires_grad=True)  # cosines exactly +1 and -1
     loss = head(x, torch.tensor([0, 0]))
     loss.backward()
-    assert (
-        torch.isfinite(loss)
-        and torch.isfinite(x.grad).all()
-        and torch.isfinite(head.weight.grad).all()
-    )
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
 
 
 def test_empty_local_shard_partial_loss_is_zero_and_finite():

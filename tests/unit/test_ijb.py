@@ -106,10 +106,7 @@ def test_write_read_meta_and_evaluate_end_to_end(tmp_path):
     assert info["impostor_pairs"] == 180 * 179 // 2 - 180
     meta = read_ijb_meta(tmp_path, "synth")  # dataset root with meta/ also accepted
     assert meta.image_names == names and meta.faceness.tolist() == [1.0] * len(names)
-    assert (
-        meta.labels.sum() == 180
-        and len(meta.labels) == info["genuine_pairs"] + info["impostor_pairs"]
-    )
+    assert meta.labels.sum() == 180 and len(meta.labels) == info["genuine_pairs"] + info["impostor_pairs"]
     # templates are single-identity, with 1..2 media each
     for t in np.unique(meta.templates):
         rows = meta.templates == t
@@ -197,9 +194,7 @@ def test_evaluate_ijb_folder_from_images_and_from_features(tmp_path):
     assert all(r[k] == 1.0 for k in TAR_KEYS) and r["auc"] == 1.0
     assert model.calls == 2 * 7  # chunks 10, 10, 10, 6 -> 2 + 2 + 2 + 1 batches, image + mirror
     # precomputed features: the model is not used
-    np.save(
-        tmp_path / "meta" / "toy_features.npy", np.random.default_rng(0).standard_normal((36, 8))
-    )
+    np.save(tmp_path / "meta" / "toy_features.npy", np.random.default_rng(0).standard_normal((36, 8)))
     r2 = evaluate_ijb_folder(None, tmp_path)
     assert r2["pairs"] == r["pairs"] and 0 <= r2["auc"] <= 1
 

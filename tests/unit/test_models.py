@@ -159,17 +159,13 @@ def test_unknown_name_and_argument_errors():
     msg = str(e.value)
     assert "unknown backbone 'iresnet5O'" in msg and "did you mean 'iresnet50'" in msg
     assert "mobilefacenet" in msg and "timm/<model name>" in msg
-    with pytest.raises(
-        TypeError, match=r"backbone 'iresnet50' got unexpected argument\(s\) \['widht'\]"
-    ):
+    with pytest.raises(TypeError, match=r"backbone 'iresnet50' got unexpected argument\(s\) \['widht'\]"):
         create_backbone("iresnet50", widht=32)
 
 
 def test_register_backbone_and_duplicates():
     @register_backbone("_test_linear")
-    def _linear(
-        embedding_size=512, input_size=112, dropout=0.0, fp16=False, activation_checkpointing=False
-    ):
+    def _linear(embedding_size=512, input_size=112, dropout=0.0, fp16=False, activation_checkpointing=False):
         m = nn.Sequential(nn.Flatten(), nn.LazyLinear(embedding_size))
         m.embedding_size, m.input_size = embedding_size, input_size
         return m
@@ -242,9 +238,7 @@ def _timm_importable() -> bool:
     return True
 
 
-@pytest.mark.skipif(
-    not _timm_importable(), reason="timm (optional extra 'timm') cannot be imported here"
-)
+@pytest.mark.skipif(not _timm_importable(), reason="timm (optional extra 'timm') cannot be imported here")
 def test_timm_backbone_real():
     m = create_backbone("timm/resnet18", embedding_size=64).eval()
     with torch.no_grad():
@@ -254,9 +248,7 @@ def test_timm_backbone_real():
         assert v(torch.randn(1, 3, 112, 112)).shape == (1, 64)
 
 
-@pytest.mark.skipif(
-    _timm_importable(), reason="timm is importable: the missing-extra error cannot be shown"
-)
+@pytest.mark.skipif(_timm_importable(), reason="timm is importable: the missing-extra error cannot be shown")
 def test_timm_missing_extra_error():
     with pytest.raises(ImportError, match=r"optional 'timm' extra: pip install 'fr_dist\[timm\]'"):
         create_backbone("timm/resnet18")
@@ -288,9 +280,7 @@ def test_timm_adapter_with_a_stand_in_module(monkeypatch):
         return Trunk(kw.get("img_size"))
 
     monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
-    vit = create_backbone(
-        "timm/vit", embedding_size=16, input_size=112, activation_checkpointing=True
-    )
+    vit = create_backbone("timm/vit", embedding_size=16, input_size=112, activation_checkpointing=True)
     assert calls[-1] == ("vit", False, 0, {"img_size": 112}) and vit.trunk.grad_ckpt
     conv = create_backbone("timm/convnet", embedding_size=16)
     assert calls[-1] == ("convnet", False, 0, {})  # retried without img_size

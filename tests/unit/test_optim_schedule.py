@@ -106,9 +106,7 @@ def test_caller_groups_not_modified():
 def test_no_decay_group_really_not_decayed():
     """One SGD step with zero gradient: decayed params shrink, BN/bias params stay."""
     net = TinyNet()
-    opt = build_optimizer(
-        "sgd", param_groups(net, 1.0, 0.1), lr=1.0, momentum=0.0, weight_decay=0.1
-    )
+    opt = build_optimizer("sgd", param_groups(net, 1.0, 0.1), lr=1.0, momentum=0.0, weight_decay=0.1)
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
     w, b = net.conv.weight.detach().clone(), net.fc.bias.detach().clone()
@@ -122,9 +120,7 @@ def test_backbone_and_head_optimizers_from_config():
     head = TinyHead()
     hopt = build_head_optimizer(head, t)
     s = {g["name"]: g for g in group_summary(hopt)}
-    assert (
-        s["decay"]["lr"] == 0.5 and s["decay"]["weight_decay"] == 1e-3 and s["decay"]["numel"] == 20
-    )
+    assert s["decay"]["lr"] == 0.5 and s["decay"]["weight_decay"] == 1e-3 and s["decay"]["numel"] == 20
     assert s["no_decay"]["weight_decay"] == 0.0 and s["no_decay"]["numel"] == 1  # bias b
     bopt = build_backbone_optimizer(TinyNet(), t)
     assert {g["lr"] for g in bopt.param_groups} == {t.lr}
@@ -169,9 +165,7 @@ def test_warmup_is_linear_from_zero():
 def test_poly_values_and_end_at_min_lr():
     T, W, peak, min_lr = 20, 5, 0.1, 0.1
     opt = _opt(peak)
-    sched = build_scheduler(
-        opt, "poly", total_steps=T, warmup_steps=W, poly_power=2.0, min_lr=min_lr
-    )
+    sched = build_scheduler(opt, "poly", total_steps=T, warmup_steps=W, poly_power=2.0, min_lr=min_lr)
     lrs = _lrs(opt, sched, T + 3)
     for s in range(W, T):
         f = (1 - (s - W) / (T - W)) ** 2
@@ -260,9 +254,7 @@ def test_resolve_schedule_from_config():
     plan = resolve_schedule(t, steps_per_epoch=100)
     assert plan["total_steps"] == 1000 and plan["warmup_steps"] == 50
     assert plan["milestones_steps"] == [400, 850]
-    t2 = load_config(
-        None, ["train.max_steps=77", "train.warmup_steps=7", "train.warmup_epochs=3"]
-    ).train
+    t2 = load_config(None, ["train.max_steps=77", "train.warmup_steps=7", "train.warmup_epochs=3"]).train
     plan2 = resolve_schedule(t2, steps_per_epoch=100)
     assert plan2["total_steps"] == 77 and plan2["warmup_steps"] == 7  # steps win over epochs
     sched = build_scheduler(_opt(), t2.schedule, **plan2)

@@ -44,9 +44,7 @@ def folder(tmp_path):
     return root, files
 
 
-@pytest.mark.parametrize(
-    "layout,shuffle", [("insightface", False), ("insightface", True), ("flat", True)]
-)
+@pytest.mark.parametrize("layout,shuffle", [("insightface", False), ("insightface", True), ("flat", True)])
 def test_pack_round_trip(folder, tmp_path, layout, shuffle):
     root, files = folder
     out = tmp_path / f"out_{layout}_{shuffle}"
@@ -83,19 +81,11 @@ def test_pack_resize_skip_bad_and_info(folder, tmp_path, capsys):
     (root / "bob" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg: cannot decode"):
         data_main(["pack", str(root), str(tmp_path / "a"), "--quiet"])
-    assert (
-        data_main(
-            ["pack", str(root), str(tmp_path / "b"), "--skip-bad", "--resize", "24", "--quiet"]
-        )
-        == 0
-    )
+    assert data_main(["pack", str(root), str(tmp_path / "b"), "--skip-bad", "--resize", "24", "--quiet"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["skipped"] == 1 and res["images"] == 9 and res["image_size"] == [24, 24]
     rec = open_recordio(tmp_path / "b")
-    assert (
-        rec.decode(1).shape == (24, 24, 3)
-        and (tmp_path / "b" / "property").read_text() == "3,24,24"
-    )
+    assert rec.decode(1).shape == (24, 24, 3) and (tmp_path / "b" / "property").read_text() == "3,24,24"
     assert data_main(["info", str(tmp_path / "b" / "train.rec"), "--decode"]) == 0
     text = capsys.readouterr().out
     assert "insightface layout" in text and "images      9" in text and "identities  3" in text
@@ -113,24 +103,19 @@ def test_info_on_mxnet_fixture(mxnet_fixture_dir, capsys):
 
 
 def test_synthetic_dataset_deterministic_and_heldout(tmp_path):
-    kw = dict(
-        num_identities=6, images_per_identity=4, heldout_identities=5, heldout_pairs=11, seed=7
-    )
+    kw = dict(num_identities=6, images_per_identity=4, heldout_identities=5, heldout_pairs=11, seed=7)
     meta = make_synthetic_dataset(tmp_path / "a", workers=1, progress=False, **kw)
     make_synthetic_dataset(tmp_path / "b", workers=2, progress=False, **kw)  # parallel == serial
     for f in ("train.rec", "train.idx", "property", "heldout.bin"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (
-        meta["num_images"] == 24
-        and json.loads((tmp_path / "a" / "synthetic.json").read_text())["seed"] == 7
+        meta["num_images"] == 24 and json.loads((tmp_path / "a" / "synthetic.json").read_text())["seed"] == 7
     )
     rec = open_recordio(tmp_path / "a" / "train.rec")
     assert rec.layout == "insightface" and rec.num_images == 24 and rec.num_classes == 6
     assert [rec.label(k) for k in rec.image_keys] == [i for i in range(6) for _ in range(4)]
     assert rec.decode(1).shape == (112, 112, 3)
-    assert rec.read(1)[1] == render_image(
-        7, 0, 0
-    )  # image j of identity i: pure function of (seed, i, j)
+    assert rec.read(1)[1] == render_image(7, 0, 0)  # image j of identity i: pure function of (seed, i, j)
     bins, issame = read_bin(tmp_path / "a" / "heldout.bin")
     assert len(issame) == 11 and sum(issame) == 6 and len(bins) == 22
     train = {rec.read(k)[1] for k in rec.image_keys}
@@ -140,9 +125,7 @@ def test_synthetic_dataset_deterministic_and_heldout(tmp_path):
         a, b = held[bins[2 * p]], held[bins[2 * p + 1]]
         assert (a == b) == same and bins[2 * p] != bins[2 * p + 1]
     other = make_synthetic_dataset(tmp_path / "c", workers=1, progress=False, **{**kw, "seed": 8})
-    assert (tmp_path / "c" / "train.rec").read_bytes() != (
-        tmp_path / "a" / "train.rec"
-    ).read_bytes()
+    assert (tmp_path / "c" / "train.rec").read_bytes() != (tmp_path / "a" / "train.rec").read_bytes()
     assert other["seed"] == 8
 
 

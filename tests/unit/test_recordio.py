@@ -71,9 +71,7 @@ def test_writer_bytes_identical_to_mxnet(fx, tmp_path):
     write_dataset(tmp_path / "ds", items, num_classes=20)
     assert (tmp_path / "ds" / "train.rec").read_bytes() == (d / "train.rec").read_bytes()
     assert (tmp_path / "ds" / "train.idx").read_text() == (d / "train.idx").read_text()
-    assert (tmp_path / "ds" / "property").read_text().strip() == (
-        d / "property"
-    ).read_text().strip()
+    assert (tmp_path / "ds" / "property").read_text().strip() == (d / "property").read_text().strip()
 
 
 def test_index_rebuilt_when_missing(fx, tmp_path):
@@ -142,10 +140,7 @@ def _payload_len(args):
 
 
 def _small(tmp_path, n_ids=3, per=2, layout="insightface"):
-    img = [
-        cv2.imencode(".jpg", np.full((8, 8, 3), 40 * i, np.uint8))[1].tobytes()
-        for i in range(n_ids)
-    ]
+    img = [cv2.imencode(".jpg", np.full((8, 8, 3), 40 * i, np.uint8))[1].tobytes() for i in range(n_ids)]
     items = [(i, img[i]) for i in range(n_ids) for _ in range(per)]
     write_dataset(tmp_path, items, num_classes=n_ids, image_size=(8, 8), layout=layout)
     return tmp_path / "train.rec"
@@ -227,9 +222,7 @@ def test_flat_file_with_vector_label_image_at_key0_is_flat(tmp_path):
             w.write(k, IRHeader(2, (float(k), 5.0), k, 0), b"\xff\xd8jpeg")
     rec = open_recordio(tmp_path / "train.rec")
     assert (
-        rec.layout == "flat"
-        and rec.image_keys == [0, 1, 2]
-        and [rec.label(k) for k in range(3)] == [0, 1, 2]
+        rec.layout == "flat" and rec.image_keys == [0, 1, 2] and [rec.label(k) for k in range(3)] == [0, 1, 2]
     )
 
 

@@ -80,9 +80,7 @@ def test_resume_mid_epoch_no_repeat_no_gap(w_old, b_old, w_new, b_new):
     state = s.state_dict(consumed_batches=steps_done)
     assert state["consumed_global"] == steps_done * w_old * b_old and state["epoch"] == epoch
     before = list(
-        itertools.chain(
-            *[r[: steps_done * b_old] for r in epoch_samples(n, w_old, b_old, epoch, seed=seed)]
-        )
+        itertools.chain(*[r[: steps_done * b_old] for r in epoch_samples(n, w_old, b_old, epoch, seed=seed)])
     )
     after = list(itertools.chain(*epoch_samples(n, w_new, b_new, epoch, seed=seed, state=state)))
     assert len(before + after) == len(set(before + after))  # no repeats
@@ -150,9 +148,7 @@ def test_loader_batches_workers_flips(mxnet_fixture_dir):
     assert any(bits[i] for i in itertools.chain(*ShardedSampler(200, 1, 2, 16, seed=5)))
     noflip = _epoch(build_train_loader(rec_path, num_workers=0, flip=False, **kw), 0)
     first = list(s)[0][0]
-    ref = (
-        torch.from_numpy(rec.decode(rec.image_keys[first])).permute(2, 0, 1).float() - 127.5
-    ) / 127.5
+    ref = (torch.from_numpy(rec.decode(rec.image_keys[first])).permute(2, 0, 1).float() - 127.5) / 127.5
     assert torch.allclose(noflip[0][0][0], ref, atol=1e-6)
 
 
@@ -169,10 +165,7 @@ def test_loader_resume_on_other_world_size(mxnet_fixture_dir):
                 ld.sampler.load_state_dict(state)
             per_rank.append(list(ld))
         # per step: ranks' batches concatenated -> the global batch [W*B, ...]
-        return [
-            (torch.cat([x for x, _ in step]), torch.cat([y for _, y in step]))
-            for step in zip(*per_rank)
-        ]
+        return [(torch.cat([x for x, _ in step]), torch.cat([y for _, y in step])) for step in zip(*per_rank)]
 
     full = global_batches(2, 8)
     s = build_train_loader(rec_path, 0, 2, 8, seed=2, num_workers=0, device="cpu").sampler

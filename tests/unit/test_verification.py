@@ -179,9 +179,7 @@ def test_verify_bin_with_random_backbone(mxnet_fixture_dir):
 
 def _sharded_embed(rank, world, images):
     torch.manual_seed(0)
-    model = create_backbone(
-        "iresnet", layers=[1, 1, 1, 1], width=4, stem_stride=2, embedding_size=8
-    )
+    model = create_backbone("iresnet", layers=[1, 1, 1, 1], width=4, stem_stride=2, embedding_size=8)
     e, ef = embed_images(model, images, batch_size=2, rank=rank, world_size=world)
     return e, ef
 

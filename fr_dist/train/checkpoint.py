@@ -75,6 +75,13 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
+def resume_path(output_dir, resume: str) -> Optional[Path]:
+    """``checkpoint.resume``: none -> None, auto -> newest complete checkpoint (or None), else that folder."""
+    if resume == "none":
+        return None
+    return latest_checkpoint(output_dir) if resume == "auto" else Path(resume)
+
+
 def read_meta(path) -> dict:
     path = Path(path)
     meta = path / "meta.json"

@@ -55,6 +55,12 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 class Trainer:
     """Builds everything from a validated :class:`Config` on an initialised runtime, then ``fit()``."""
 
@@ -62,7 +68,6 @@ class Trainer:
         self.cfg, self.env, self.device, self.loader = cfg, env, device, loader
         self.dims = ParallelDims(env.world_size, env.rank, cfg.train.grad_accum, cfg.engine)
         self.out = Path(cfg.output_dir)
-        self._seed(cfg.seed + env.rank)
         t = cfg.train
 
         # ---- model: an unchanged backbone, parallelism applied as steps; the head is never wrapped
@@ -88,6 +93,7 @@ class Trainer:
             **head_kwargs(cfg),
         ).to(device)
         self.head_dtype = cfg.head.dtype
+        _seed_all(cfg.seed + env.rank)  # per-rank random streams (dropout, ...) from here on
 
         # ---- optimisers (the classifier shard apart, with its own LR / WD), schedules in optimizer steps
         self.steps_per_epoch = max(1, len(loader) // t.grad_accum)
@@ -130,11 +136,6 @@ class Trainer:
         self.evaluator = None
 
     # ------------------------------------------------------------------ helpers
-    def _seed(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-
     def _head_forward(self, emb, labels):
         if self.head_dtype == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
@@ -225,12 +226,7 @@ class Trainer:
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        resume = cfg.checkpoint.resume
-        path = (
-            ckpt.latest_checkpoint(self.out)
-            if resume == "auto"
-            else (Path(resume) if resume != "none" else None)
-        )
+        path = ckpt.resume_path(self.out, cfg.checkpoint.resume)
         if path is not None:
             self.load_checkpoint(path)
             if rank0:
@@ -255,10 +251,7 @@ class Trainer:
         if cfg.checkpoint.save_at_end and (not cfg.checkpoint.every or self.step % cfg.checkpoint.every):
             self.save_checkpoint()
         results = dict(
-            step=self.step,
-            loss=last.get("loss"),
-            images_per_s=meter.rate,
-            wall_s=time.time() - t_start,
+            step=self.step, loss=last.get("loss"), images_per_s=meter.rate, wall_s=time.time() - t_start
         )
         if self.evaluator is not None:
             results["eval"] = self.run_eval()
@@ -268,11 +261,7 @@ class Trainer:
     def _log_step(self, out: dict, meter: Throughput) -> None:
         lr = self.sched_bb.get_last_lr()[0]
         scalars = dict(
-            loss=out["loss"],
-            lr=lr,
-            images_per_s=meter.rate,
-            grad_norm=out["grad_norm"],
-            epoch=self.epoch,
+            loss=out["loss"], lr=lr, images_per_s=meter.rate, grad_norm=out["grad_norm"], epoch=self.epoch
         )
         if hasattr(self.head, "bias"):
             scalars["sf2_bias"] = float(self.head.bias.detach())

@@ -158,6 +158,22 @@ def plot(results: list[dict], out: Path) -> None:
     print(f"plot: {out.with_suffix('.png')}")
 
 
+def _config(a, head: str, K: int, **extra) -> dict:
+    """run_config keyword arguments of one (head, K) point of the sweep."""
+    return dict(
+        head_name=head,
+        K=K,
+        batch=a.batch,
+        dim=a.dim,
+        steps=a.steps,
+        warmup=a.warmup,
+        sample_rate=a.sample_rate,
+        lr=a.lr,
+        log=a.log,
+        **extra,
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", nargs="+", default=["sphereface2", "partial_fc"])
@@ -182,18 +198,7 @@ def main(argv=None) -> int:
         env, dev = init_distributed()
         for head in a.heads:
             for K in a.num_classes:
-                cfg = dict(
-                    head_name=head,
-                    K=K,
-                    batch=a.batch,
-                    dim=a.dim,
-                    steps=a.steps,
-                    warmup=a.warmup,
-                    sample_rate=a.sample_rate,
-                    lr=a.lr,
-                    device=str(dev),
-                    log=a.log,
-                )
+                cfg = _config(a, head, K, device=str(dev))
                 r = run_config(env.rank, env.world_size, **cfg)
                 if env.is_main:
                     results.append(r)
@@ -206,18 +211,7 @@ def main(argv=None) -> int:
     for W in a.world_sizes:
         for head in a.heads:
             for K in a.num_classes:
-                cfg = dict(
-                    head_name=head,
-                    K=K,
-                    batch=a.batch,
-                    dim=a.dim,
-                    steps=a.steps,
-                    warmup=a.warmup,
-                    sample_rate=a.sample_rate,
-                    lr=a.lr,
-                    log=a.log,
-                    threads=a.threads,
-                )
+                cfg = _config(a, head, K, threads=a.threads)
                 r = spawn_gloo(_spawned, W, args=(cfg,), timeout_s=1800)[0]
                 results.append(r)
                 print(

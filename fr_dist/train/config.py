@@ -120,6 +120,14 @@ class HeadConfig:
     partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
     """Partial-FC hyper-parameters (used when head.name=partial_fc)."""
 
+    def head_kwargs(self) -> dict:
+        """Constructor arguments of the selected head for :func:`fr_dist.heads.create_head`."""
+        if self.name == "sphereface2":
+            s = self.sphereface2
+            return dict(lam=s.lam, r=s.r, m=s.m, t=s.t, lw=s.lw, margin=s.margin, grad=s.grad)
+        p = self.partial_fc
+        return dict(margin=p.margin, s=p.s, m1=p.m1, m2=p.m2, m3=p.m3, sample_rate=p.sample_rate, grad=p.grad)
+
 
 @dataclass
 class ModelConfig:
@@ -237,6 +245,9 @@ class CheckpointConfig:
     """none | auto (newest complete checkpoint under output_dir) | a checkpoint folder."""
     save_at_end: bool = True
     """Save a checkpoint when training ends."""
+    save_on_signal: bool = True
+    """On SIGTERM/SIGUSR1 (Slurm preemption, torchrun shutdown) save a checkpoint at the next
+    log step (ranks agree through a 1-element all-reduce every train.log_every steps) and stop."""
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Parallelism applied as steps to an unchanged backbone (torchtitan style) + the one dims object.
 
-    dims = ParallelDims.from_env(env, cfg)          # validated once
-    model = apply_channels_last(model)              # optional
-    engine = apply_ddp(model, dims, device)         # or apply_deepspeed(model, dims, cfg, ...)
+    dims = ParallelDims(world_size, rank, grad_accum, engine)   # validated once
+    model = create_backbone(..., channels_last=True)             # an unchanged model
+    model = apply_ddp(model, dims, device)                       # or apply_deepspeed(model, dims, ...)
 
 The classifier head is never wrapped: its shards are model parallel, its gradients are never
 all-reduced, and its optimizer lives with its shard.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["ParallelDims", "apply_ddp", "apply_channels_last", "apply_compile", "BackboneEngine"]
+__all__ = ["ParallelDims", "apply_ddp", "apply_deepspeed", "apply_compile", "BackboneEngine"]
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,6 @@ class ParallelDims:
     def embedding_grad_scale(self) -> float:
         """Factor for the head's reduce-scatter that cancels the engine's 1/dp gradient averaging."""
         return float(self.dp)
-
-
-def apply_channels_last(model: nn.Module) -> nn.Module:
-    return model.to(memory_format=torch.channels_last)
 
 
 def apply_compile(model: nn.Module) -> nn.Module:

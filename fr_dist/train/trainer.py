@@ -26,27 +26,13 @@ from fr_dist.models import create_backbone
 from fr_dist.runtime import DistEnv
 from fr_dist.train import checkpoint as ckpt
 from fr_dist.train.config import Config, save_config
-from fr_dist.train.engines import (
-    BackboneEngine,
-    ParallelDims,
-    apply_channels_last,
-    apply_ddp,
-    apply_deepspeed,
-)
+from fr_dist.train.engines import BackboneEngine, ParallelDims, apply_ddp, apply_deepspeed
 from fr_dist.train.logging import MetricsLogger, Throughput, format_progress
 from fr_dist.train.optim import build_optimizer, param_groups
 from fr_dist.train.schedule import build_scheduler
+from fr_dist.train.signals import StopSignals
 
-__all__ = ["Trainer", "head_kwargs"]
-
-
-def head_kwargs(cfg: Config) -> dict:
-    h = cfg.head
-    if h.name == "sphereface2":
-        s = h.sphereface2
-        return dict(lam=s.lam, r=s.r, m=s.m, t=s.t, lw=s.lw, margin=s.margin, grad=s.grad)
-    p = h.partial_fc
-    return dict(margin=p.margin, s=p.s, m1=p.m1, m2=p.m2, m3=p.m3, sample_rate=p.sample_rate, grad=p.grad)
+__all__ = ["Trainer"]
 
 
 def _autocast(device: torch.device, amp: str):
@@ -79,10 +65,9 @@ class Trainer:
             input_size=m.input_size,
             dropout=m.dropout,
             activation_checkpointing=m.activation_checkpointing,
+            channels_last=m.channels_last,
             **m.kwargs,
         ).to(device)
-        if m.channels_last:
-            backbone = apply_channels_last(backbone)
         self.head = create_head(
             cfg.head.name,
             embedding_size=m.embedding_size,
@@ -90,7 +75,7 @@ class Trainer:
             seed=cfg.seed,
             embedding_grad_scale=self.dims.embedding_grad_scale,
             check_finite=False,  # a NaN step is skipped by the guard below, not raised
-            **head_kwargs(cfg),
+            **cfg.head.head_kwargs(),
         ).to(device)
         self.head_dtype = cfg.head.dtype
         _seed_all(cfg.seed + env.rank)  # per-rank random streams (dropout, ...) from here on
@@ -231,6 +216,7 @@ class Trainer:
             self.load_checkpoint(path)
             if rank0:
                 print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
+        self._signals = StopSignals(cfg.checkpoint.save_on_signal)
         batches = self._batches()
         meter = Throughput()
         last = {}
@@ -244,19 +230,40 @@ class Trainer:
             last = out
             if self.step % t.log_every == 0 or self.step == end:
                 self._log_step(out, meter)
+                if self._preempted():
+                    self.save_checkpoint()
+                    last["preempted"] = True
+                    break
             if self.evaluator is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
                 self.run_eval()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
-        if cfg.checkpoint.save_at_end and (not cfg.checkpoint.every or self.step % cfg.checkpoint.every):
+        self._signals.restore()
+        preempted = bool(last.get("preempted"))  # checkpoint already written: leave fast
+        if (
+            not preempted
+            and cfg.checkpoint.save_at_end
+            and (not cfg.checkpoint.every or self.step % cfg.checkpoint.every)
+        ):
             self.save_checkpoint()
         results = dict(
-            step=self.step, loss=last.get("loss"), images_per_s=meter.rate, wall_s=time.time() - t_start
+            step=self.step,
+            loss=last.get("loss"),
+            images_per_s=meter.rate,
+            preempted=preempted,
+            wall_s=time.time() - t_start,
         )
-        if self.evaluator is not None:
+        if self.evaluator is not None and not preempted:
             results["eval"] = self.run_eval()
         self.log.close()
         return results
+
+    def _preempted(self) -> bool:
+        """Did any rank receive a stop signal? (all ranks decide together at log steps)"""
+        if not self._signals.enabled:
+            return False
+        flag = torch.tensor([1.0 if self._signals.received else 0.0], device=self.device)
+        return bool(comm.all_reduce(flag, "max", name="stop_flag").item() > 0)
 
     def _log_step(self, out: dict, meter: Throughput) -> None:
         lr = self.sched_bb.get_last_lr()[0]

@@ -232,6 +232,31 @@ def test_nonfinite_steps_are_skipped_then_abort(tiny_data, tmp_path):
     assert steps and steps[0]["step"] == 1
 
 
+def _train_signalled(rank, world, overrides, at_step):
+    """Rank 0 receives SIGUSR1 during step ``at_step`` (as Slurm sends before preemption)."""
+    import signal
+
+    from fr_dist.train.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self, batches):
+        if self.step + 1 == at_step and rank == 0:
+            signal.raise_signal(signal.SIGUSR1)
+        return real(self, batches)
+
+    Trainer.train_step = step
+    return _train(rank, world, overrides)
+
+
+def test_stop_signal_checkpoints_and_stops_all_ranks(tiny_data, tmp_path):
+    ov = _overrides(tiny_data, tmp_path, **{"train.max_steps": 50, "train.log_every": 4})
+    res = spawn_gloo(_train_signalled, 2, args=(ov, 6))
+    assert [r["step"] for r in res] == [8, 8]  # both stop at the first log step after the signal
+    assert all(r["result"]["preempted"] for r in res)
+    assert (tmp_path / "checkpoints" / "8" / "meta.json").is_file()
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "fr_dist.cli", *args], capture_output=True, text=True, timeout=120

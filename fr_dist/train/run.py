@@ -6,6 +6,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from fr_dist.train.config import Config, ConfigError, validate_against_dataset
 
@@ -24,13 +25,14 @@ def dataset_num_classes(rec_path: str) -> tuple[int, int]:
     return rec.num_classes, rec.num_images
 
 
-def build_trainer(cfg: Config, env, device):
+def build_trainer(cfg: Config, env, device, dataset_classes: Optional[int] = None):
     """Loader + Trainer (+ verification callback) of this rank; the runtime is already initialised."""
     from fr_dist.data import build_train_loader
     from fr_dist.train.trainer import Trainer
 
-    k_data, _ = dataset_num_classes(cfg.data.rec)
-    validate_against_dataset(cfg, k_data, k_data - 1)
+    if dataset_classes is None:  # not given by run_training: read and validate the dataset here
+        dataset_classes, _ = dataset_num_classes(cfg.data.rec)
+        validate_against_dataset(cfg, dataset_classes, dataset_classes - 1)
     loader = build_train_loader(
         cfg.data.rec,
         rank=env.rank,
@@ -43,7 +45,7 @@ def build_trainer(cfg: Config, env, device):
         backend=cfg.data.loader,
         flip=cfg.data.flip,
     )
-    trainer = Trainer(cfg, env, device, loader, cfg.data.num_classes or k_data)
+    trainer = Trainer(cfg, env, device, loader, cfg.data.num_classes or dataset_classes)
     if cfg.eval.bins:
         from fr_dist.eval.callback import VerificationCallback
 
@@ -68,7 +70,7 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
                 f"head={cfg.head.name}, backbone={cfg.model.name}, engine={cfg.engine}, amp={cfg.train.amp}",
                 flush=True,
             )
-        trainer = build_trainer(cfg, env, device)
+        trainer = build_trainer(cfg, env, device, k_data)
         results = trainer.fit()
         if env.is_main:
             if results.get("eval"):

@@ -15,11 +15,7 @@ import torch
 
 from fr_dist import comm
 
-__all__ = ["VerificationCallback", "normalize_rows"]
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+__all__ = ["VerificationCallback"]
 
 
 class VerificationCallback:
@@ -36,7 +32,7 @@ class VerificationCallback:
 
     @torch.no_grad()
     def __call__(self, backbone) -> dict:
-        from fr_dist.eval.verification import embed_images, evaluate_pairs
+        from fr_dist.eval.verification import embed_images, evaluate_pairs, l2_normalize
 
         was_training = backbone.training
         backbone.eval()
@@ -52,7 +48,7 @@ class VerificationCallback:
                 world_size=self.world,
                 group=self.group,
             )
-            emb = normalize_rows(flipsum if self.cfg.flip else noflip)  # [2N, D]
+            emb = l2_normalize(flipsum if self.cfg.flip else noflip)  # [2N, D]
             res = evaluate_pairs(emb[0::2], emb[1::2], issame, nfolds=self.cfg.nfolds)
             results[name] = {k: float(v) for k, v in res.items() if np.isscalar(v)}
         backbone.train(was_training)

@@ -366,6 +366,8 @@ def load_trainer(tr, path) -> None:
         st["best_acc"],
         st["nonfinite"],
     )
+    if tr.evaluator is not None:  # RUN/best is replaced only by a better model than before the stop
+        tr.evaluator.best = tr.best_acc
     for sched, key in ((tr.sched_bb, "sched_bb"), (tr.sched_head, "sched_head")):
         sched.load_state_dict(st[key])
         # a scheduler's state does not hold its optimizer's current lr: put it back explicitly

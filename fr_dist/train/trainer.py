@@ -118,7 +118,7 @@ class Trainer:
         self.step, self.epoch, self.consumed, self.nonfinite = 0, 0, 0, 0
         self.best_acc = -1.0
         self.log = MetricsLogger(self.out, env.rank, tensorboard=t.tensorboard)
-        self.evaluator = None
+        self.evaluator, self.last_eval = None, None
 
     # ------------------------------------------------------------------ helpers
     def _head_forward(self, emb, labels):
@@ -240,21 +240,16 @@ class Trainer:
                 self.save_checkpoint()
         self._signals.restore()
         preempted = bool(last.get("preempted"))  # checkpoint already written: leave fast
-        if (
-            not preempted
-            and cfg.checkpoint.save_at_end
-            and (not cfg.checkpoint.every or self.step % cfg.checkpoint.every)
-        ):
+        evaluated = cfg.eval.every and self.step % cfg.eval.every == 0  # the loop just did
+        if self.evaluator is not None and not (preempted or evaluated):
+            self.run_eval()  # before the final checkpoint, so that it records the best accuracy
+        saved = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+        if cfg.checkpoint.save_at_end and not (preempted or saved):
             self.save_checkpoint()
-        results = dict(
-            step=self.step,
-            loss=last.get("loss"),
-            images_per_s=meter.rate,
-            preempted=preempted,
-            wall_s=time.time() - t_start,
-        )
-        if self.evaluator is not None and not preempted:
-            results["eval"] = self.run_eval()
+        results = dict(step=self.step, loss=last.get("loss"), images_per_s=meter.rate, preempted=preempted)
+        results["wall_s"] = time.time() - t_start
+        if self.last_eval is not None and not preempted:
+            results["eval"] = self.last_eval
         self.log.close()
         return results
 
@@ -290,7 +285,6 @@ class Trainer:
                     f"[eval step {self.step}] {name}: acc {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}",
                     flush=True,
                 )
-        acc = float(np.mean([r["accuracy"] for r in res.values()])) if res else -1.0
-        if self.cfg.eval.keep_best and acc > self.best_acc:
-            self.best_acc = acc
+        self.best_acc = self.evaluator.best  # the callback keeps RUN/best; its score is checkpointed
+        self.last_eval = res
         return res

@@ -288,3 +288,16 @@ def test_bad_config_fails_before_launch(tiny_data, tmp_path, override, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr, r.stderr
     assert not (tmp_path / "config.yaml").exists()  # nothing started
+
+
+def test_best_checkpoint_survives_resume(tiny_data, tmp_path):
+    """RUN/best keeps the best accuracy over a stop + resume (the score travels in the checkpoint)."""
+    bins = f"[{tiny_data / 'heldout.bin'}]"
+    common = {"eval.bins": bins, "eval.nfolds": 5, "checkpoint.save_at_end": True, "train.max_steps": 4}
+    first = spawn_gloo(_train, 1, args=(_overrides(tiny_data, tmp_path, **common), 2))
+    second = spawn_gloo(
+        _train, 1, args=(_overrides(tiny_data, tmp_path, **common) + ["checkpoint.resume=auto"],)
+    )
+    accs = [r[0]["result"]["eval"]["heldout"]["accuracy"] for r in (first, second)]
+    best = json.loads((tmp_path / "best" / "eval.json").read_text())["heldout"]["accuracy"]
+    assert best == max(accs)

@@ -7,7 +7,7 @@ DEMO_CONFIG ?= configs/demo_cpu.yaml
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-pfc test lint bench-smoke clean
+.PHONY: setup demo demo-pfc test test-launch lint bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m fr_dist.cli train \
+	OMP_NUM_THREADS=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 $(PY) -m fr_dist.launch --standalone --nproc_per_node=$(NPROC) -m fr_dist.cli train \
 		--config $(DEMO_CONFIG) $(DEMO_ARGS)
 
 demo-pfc:
@@ -29,11 +29,16 @@ demo-pfc:
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
+# launch scripts, fr-dist doctor, two-host torchrun (netns) and a real Slurm cluster (root)
+test-launch: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/launch $(PYTEST_ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check fr_dist tests benchmarks && $(VENV)/bin/ruff format --check fr_dist tests benchmarks
 
 bench-smoke: $(VENV)/.installed
 	$(PY) benchmarks/classifier.py --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
+	OMP_NUM_THREADS=1 $(PY) benchmarks/train_throughput.py --smoke && bash -n benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,27 +1,52 @@
-"""Classifier-layer benchmark: SphereFace2 vs Partial-FC softmax, side by side.
+"""Classifier-layer benchmark: SphereFace2 vs Partial-FC softmax against the GEMM bound.
 
-Per configuration (head, K classes, world size W) it trains the class-sharded head alone on
-synthetic class-clustered embeddings and reports step time, global images/s, collectives and
-bytes per step (from fr_dist.comm's counters), peak memory and the loss curve.
+Per configuration (head, K classes, world size W, batch B per rank, chunk) it trains the
+class-sharded head alone on synthetic class-clustered embeddings and reports, per rank 0:
+
+* ``step_time_s``   median of forward + backward + SGD(momentum) update of the shard;
+* ``gemm3_time_s``  median, measured in the same process interleaved with the steps, of the three
+                    classifier GEMMs of the same shapes (logits [N, D] @ [D, n], d-embeddings
+                    [N, n] @ [n, D], d-weights [n, N] @ [N, D], fresh outputs as autograd makes
+                    them; N = W*B, n = the shard's (sampled) classes) and ``ratio_to_gemm3``;
+* ``peak_step_bytes`` the peak of torch's own CPU/CUDA allocations during one step ABOVE what was
+                    allocated before it (weights, gradients, optimizer state): on CPU from
+                    torch.profiler's raw memory events (every tensor allocation and free, exact
+                    bytes, summed in time order; old gradients freed before the profiled step and
+                    the new gradients' bytes subtracted), on CUDA from max_memory_allocated - allocated;
+                    ``peak_ratio_to_pfc_materialised`` divides it by the Partial-FC step with
+                    materialised fp32 logits (chunk None) at the same (K, W, B);
+* ``comm_per_step`` collective calls, logical bytes and ring wire bytes (fr_dist.comm counters).
+
+Why not RSS: the process high-water mark never goes down between configurations, includes the
+allocator's caching and the interpreter, and cannot isolate one step; tracemalloc does not see
+torch's allocations at all.
 
 CPU (spawns W gloo ranks itself)::
 
-    python benchmarks/classifier.py --world-sizes 1 2 4 --num-classes 1000 20000 --steps 10
+    python benchmarks/classifier.py --world-sizes 1 2 --num-classes 1000 10000 100000 1000000 \\
+        --pfc-chunks none 8192 --out benchmarks/results/cpu2_202611/classifier.json
 
-GPU (one configuration per launch; W from torchrun)::
+Smoke (seconds, ``make bench-smoke``)::
+
+    python benchmarks/classifier.py --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
+
+SphereFace2 options of a newer head (``chunk_size``, ``fused_update``, ``proxy_dtype``, ...) are
+passed with ``--sf2-opt key=value`` (repeatable); keys the installed head does not accept are
+reported and ignored. GPU (one configuration per launch; W from torchrun)::
 
     torchrun --nproc_per_node=8 benchmarks/classifier.py --launcher torchrun --num-classes 2000000 \\
         --batch 128 --out benchmarks/results/h100x8_202611/classifier_2M.json
 
-Writes JSON (``--out``) and, when matplotlib is present, PNG plots beside it.
+Writes JSON (``--out``) and, when matplotlib is present, a PNG beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -34,86 +59,181 @@ from fr_dist import comm  # noqa: E402
 from fr_dist.heads import PartialFCHead, SphereFace2Head  # noqa: E402
 
 
-def make_head(name: str, dim: int, K: int, sample_rate: float, grad_scale: float):
+def _accepted(cls, opts: dict) -> tuple[dict, list]:
+    """Split ``opts`` into the keywords ``cls`` accepts and the names it does not."""
+    params = inspect.signature(cls.__init__).parameters
+    ok = {k: v for k, v in opts.items() if k in params}
+    return ok, sorted(set(opts) - set(ok))
+
+
+def make_head(name: str, dim: int, K: int, sample_rate: float, chunk, sf2_opts: dict):
+    """Build the head; returns (head, options applied, options ignored)."""
     if name == "sphereface2":
-        return SphereFace2Head(dim, K, embedding_grad_scale=grad_scale, check_inputs=False)
-    return PartialFCHead(
-        dim,
-        K,
-        margin="arcface",
-        sample_rate=sample_rate,
-        embedding_grad_scale=grad_scale,
-        check_inputs=False,
+        opts, ignored = _accepted(SphereFace2Head, sf2_opts)
+        return SphereFace2Head(dim, K, check_inputs=False, **opts), opts, ignored
+    opts, ignored = _accepted(PartialFCHead, {"chunk_size": chunk} if chunk is not None else {})
+    head = PartialFCHead(dim, K, margin="arcface", sample_rate=sample_rate, check_inputs=False, **opts)
+    return head, opts, ignored
+
+
+def _configure_fused_update(head, lr: float, momentum: float) -> bool:
+    """A head that updates its own rows (SphereFace2 ``fused_update``) gets the benchmark's SGD settings."""
+    row_opt = getattr(head, "row_optimizer", None)
+    if row_opt is None:
+        return False
+    for key, value in (("lr", lr), ("momentum", momentum), ("nesterov", False), ("weight_decay", 0.0)):
+        if hasattr(row_opt, key):
+            setattr(row_opt, key, value)
+    return True
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _peak_above_start_cpu(step) -> int:
+    """Peak of torch's CPU allocations during ``step()`` above those alive when it started (bytes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # every allocation (+bytes) and free (-bytes) of the step, in time order (raw kineto events)
+    deltas = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
     )
+    cur = peak = 0
+    for _, d in deltas:
+        cur += d
+        peak = max(peak, cur)
+    return int(peak)
 
 
 def run_config(
-    rank, world, head_name, K, batch, dim, steps, warmup, sample_rate, lr, device="cpu", log=False
+    rank,
+    world,
+    head_name,
+    K,
+    batch,
+    dim,
+    steps,
+    warmup,
+    sample_rate,
+    lr,
+    chunk=None,
+    sf2_opts=None,
+    device="cpu",
+    log=False,
+    measure_memory=True,
 ):
-    """Train the head alone; return timing, comm and memory figures for this rank."""
+    """Train the head alone; return timing, GEMM bound, comm and memory figures for this rank."""
     dev = torch.device(device)
-    head = make_head(head_name, dim, K, sample_rate, 1.0).to(dev)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    head, applied, ignored = make_head(head_name, dim, K, sample_rate, chunk, dict(sf2_opts or {}))
+    head = head.to(dev)
+    fused = _configure_fused_update(head, lr, 0.9)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(1000 + rank)
     centres = torch.nn.functional.normalize(
-        torch.randn(K, dim, generator=torch.Generator().manual_seed(7)), dim=1
-    )
-    losses, times = [], []
-    stats_per_step = None
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    for step in range(warmup + steps):
+        torch.randn(min(K, 100_000), dim, generator=torch.Generator().manual_seed(7)), dim=1
+    )  # class c's centre is centres[c % 100000] (bounded memory at K = 10^7)
+
+    def batch_xy():
         y = torch.randint(0, K, (batch,), generator=gen)
-        x = (
-            (centres[y] + 0.5 * torch.randn(batch, dim, generator=gen) / dim**0.5)
-            .to(dev)
-            .requires_grad_(True)
-        )
-        y = y.to(dev)
+        x = centres[y % centres.shape[0]] + 0.5 * torch.randn(batch, dim, generator=gen) / dim**0.5
+        return x.to(dev).requires_grad_(True), y.to(dev)
+
+    def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        comm.reset_comm_stats()
-        t0 = time.perf_counter()
-        loss = head(x, y)
+
+    losses = []
+
+    def step():
+        x, y = batch_xy()
         opt.zero_grad(set_to_none=True)
+        loss = head(x, y)
         loss.backward()
         opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dt = time.perf_counter() - t0
-        if step == warmup:
-            stats_per_step = comm.comm_stats()
-        if step >= warmup:
-            times.append(dt)
         losses.append(float(loss.detach()))
-        if log and rank == 0:
-            s = comm.comm_stats()
-            print(
-                f"[{head_name:11s} K={K} W={world}] step {step:3d} loss {float(loss.detach()):8.4f} "
-                f"all_gather {s['all_gather']['calls']}x {s['all_gather']['bytes']}B  "
-                f"reduce_scatter {s['reduce_scatter']['calls']}x {s['reduce_scatter']['bytes']}B  "
-                f"all_reduce {s['all_reduce']['calls']}x {s['all_reduce']['bytes']}B",
-                flush=True,
-            )
-    times.sort()
-    median = times[len(times) // 2]
-    peak = (
-        torch.cuda.max_memory_allocated(dev)
-        if dev.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    N = world * batch
+    n_used = (
+        head.num_local if sample_rate >= 1 or head_name != "partial_fc" else int(sample_rate * head.num_local)
     )
+    g3 = dict(
+        x=torch.randn(N, dim, device=dev),  # [N, D]
+        w=torch.randn(max(n_used, 1), dim, device=dev),  # [n, D]
+        g=torch.randn(N, max(n_used, 1), device=dev),  # [N, n]
+    )
+
+    def gemm3():
+        _ = g3["x"] @ g3["w"].t()  # logits [N, n]
+        _ = g3["g"] @ g3["w"]  # d embeddings [N, D]
+        _ = g3["g"].t() @ g3["x"]  # d weights [n, D]
+
+    times, gtimes, stats_per_step = [], [], None
+    for i in range(warmup + steps):
+        sync()
+        comm.reset_comm_stats()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        dt = time.perf_counter() - t0
+        if i == warmup:
+            stats_per_step = comm.comm_stats()
+        sync()
+        t1 = time.perf_counter()
+        gemm3()
+        sync()
+        gt = time.perf_counter() - t1
+        if i >= warmup:
+            times.append(dt)
+            gtimes.append(gt)
+        if log and rank == 0:
+            print(
+                f"[{head_name} K={K} W={world}] step {i} loss {losses[-1]:.4f} {dt * 1e3:.1f} ms", flush=True
+            )
+    g3.clear()
+    peak, peak_kind = None, None
+    if measure_memory:
+        if dev.type == "cuda":
+            sync()
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            step()
+            sync()
+            peak, peak_kind = torch.cuda.max_memory_allocated(dev) - base, "cuda_max_allocated_above_start"
+        else:
+            # free the old gradients before the profiler starts (it cannot see frees of earlier blocks),
+            # then take off the gradients the step leaves allocated: they are state, not step memory
+            opt.zero_grad(set_to_none=True)
+            raw = _peak_above_start_cpu(step)
+            grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+            peak, peak_kind = raw - grads, "torch_profiler_cpu_allocations_above_start_minus_new_grads"
+    med, gmed = _median(times), _median(gtimes)
     return dict(
         head=head_name,
         num_classes=K,
         world_size=world,
         batch_per_rank=batch,
         dim=dim,
+        num_local=head.num_local,
+        classes_used=n_used,
+        chunk=chunk if head_name == "partial_fc" else applied.get("chunk_size"),
         sample_rate=sample_rate if head_name == "partial_fc" else None,
-        step_time_s=median,
-        images_per_s=world * batch / median,
+        head_options=applied,
+        head_options_ignored=ignored,
+        fused_update=fused,
+        step_time_s=med,
+        gemm3_time_s=gmed,
+        ratio_to_gemm3=med / gmed,
+        step_times_s=times,
+        gemm3_times_s=gtimes,
+        images_per_s=world * batch / med,
         comm_per_step={k: v for k, v in stats_per_step.items() if "/" in k or k in comm.KINDS},
-        peak_memory_bytes=int(peak),
-        peak_memory_kind="cuda_max_allocated" if dev.type == "cuda" else "process_max_rss",
+        peak_step_bytes=peak,
+        peak_memory_kind=peak_kind,
         loss_first=losses[0],
         loss_last=losses[-1],
         losses=losses,
@@ -125,6 +245,29 @@ def _spawned(rank, world, cfg):
     return run_config(rank, world, **cfg)
 
 
+def label(r: dict) -> str:
+    if r["head"] == "partial_fc":
+        return "partial_fc" + ("" if r["chunk"] is None else f" chunk={r['chunk']}")
+    opts = ",".join(f"{k}={v}" for k, v in sorted(r["head_options"].items()))
+    return "sphereface2" + (f" {opts}" if opts else "")
+
+
+def add_ratios(results: list[dict]) -> None:
+    """peak_ratio_to_pfc_materialised: peak / that of Partial FC with chunk None at the same (K, W, B)."""
+    base = {
+        (r["num_classes"], r["world_size"], r["batch_per_rank"]): r["peak_step_bytes"]
+        for r in results
+        if r["head"] == "partial_fc" and r["chunk"] is None and r["peak_step_bytes"]
+    }
+    for r in results:
+        b = base.get((r["num_classes"], r["world_size"], r["batch_per_rank"]))
+        r["peak_ratio_to_pfc_materialised"] = r["peak_step_bytes"] / b if b and r["peak_step_bytes"] else None
+
+
+def wire_bytes(r: dict) -> int:
+    return sum(r["comm_per_step"][k]["wire_bytes"] for k in comm.KINDS)
+
+
 def plot(results: list[dict], out: Path) -> None:
     try:
         import matplotlib
@@ -134,43 +277,92 @@ def plot(results: list[dict], out: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plots")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for head in sorted({r["head"] for r in results}):
-        for W in sorted({r["world_size"] for r in results}):
-            rs = sorted(
-                (r for r in results if r["head"] == head and r["world_size"] == W),
-                key=lambda r: r["num_classes"],
-            )
-            if not rs:
-                continue
-            Ks = [r["num_classes"] for r in rs]
-            axes[0].plot(Ks, [r["step_time_s"] * 1e3 for r in rs], "o-", label=f"{head} W={W}")
-            axes[1].plot(Ks, [r["images_per_s"] for r in rs], "o-", label=f"{head} W={W}")
-            wire = [sum(r["comm_per_step"][k]["wire_bytes"] for k in comm.KINDS) for r in rs]
-            axes[2].plot(Ks, wire, "o-", label=f"{head} W={W}")
-    for ax, title in zip(axes, ["step time (ms)", "global images/s", "wire bytes / step / rank"]):
+    from matplotlib.lines import Line2D
+
+    worlds = sorted({r["world_size"] for r in results})
+    labels = sorted({label(r) for r in results})
+    colours = {W: plt.cm.tab10(i) for i, W in enumerate(worlds)}
+    styles = {lab: s for lab, s in zip(labels, ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))] * 3)}
+    markers = {lab: m for lab, m in zip(labels, "osD^vP*X" * 3)}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    panels = [
+        ("step time (s): fwd + bwd + SGD-momentum update", lambda r: r["step_time_s"]),
+        ("peak step memory above weights/grads/state (MiB)", lambda r: (r["peak_step_bytes"] or 0) / 2**20),
+        ("wire bytes per step per rank", wire_bytes),
+    ]
+    for ax, (title, f) in zip(axes, panels):
+        for W in worlds:
+            for lab in labels:
+                rs = sorted(
+                    (r for r in results if r["world_size"] == W and label(r) == lab),
+                    key=lambda r: r["num_classes"],
+                )
+                ys = [f(r) for r in rs]
+                if not rs or not any(y > 0 for y in ys):
+                    continue
+                ax.plot([r["num_classes"] for r in rs], ys, linestyle=styles[lab], marker=markers[lab],
+                        color=colours[W], ms=5)  # fmt: skip
+            if ax is axes[0]:  # the 3-GEMM bound of the full (unsampled) shard, per W
+                rs = {r["num_classes"]: r["gemm3_time_s"] for r in results if r["world_size"] == W}
+                Ks = sorted(rs)
+                ax.plot(
+                    Ks, [rs[k] for k in Ks], color=colours[W], linestyle="none", marker="_", ms=14, mew=2.5
+                )
+                ax.plot(Ks, [rs[k] for k in Ks], color=colours[W], alpha=0.25, linewidth=6)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("classes K")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=100)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.25)
+    handles = [Line2D([], [], color=colours[W], linewidth=3, label=f"W = {W} ranks") for W in worlds]
+    handles += [
+        Line2D([], [], color="k", linestyle=styles[lab], marker=markers[lab], label=lab) for lab in labels
+    ]
+    handles.append(Line2D([], [], color="grey", alpha=0.4, linewidth=6, label="3-GEMM bound (same process)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
     print(f"plot: {out.with_suffix('.png')}")
 
 
-def _config(a, head: str, K: int, **extra) -> dict:
-    """run_config keyword arguments of one (head, K) point of the sweep."""
-    return dict(
-        head_name=head,
-        K=K,
-        batch=a.batch,
-        dim=a.dim,
-        steps=a.steps,
-        warmup=a.warmup,
-        sample_rate=a.sample_rate,
-        lr=a.lr,
-        log=a.log,
-        **extra,
+def _parse_opts(items) -> dict:
+    opts = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[key] = value  # a bare word, e.g. proxy_dtype=bf16
+    return opts
+
+
+def _chunks(values) -> list:
+    return [None if str(v).lower() in ("none", "0", "dense") else int(v) for v in values]
+
+
+def _configs(a) -> list[dict]:
+    """run_config keyword arguments of every (head, chunk, K) point of one world size."""
+    out = []
+    for head in a.heads:
+        for chunk in _chunks(a.pfc_chunks) if head == "partial_fc" else [None]:
+            for K in a.num_classes:
+                out.append(
+                    dict(head_name=head, K=K, batch=a.batch, dim=a.dim, steps=a.steps, warmup=a.warmup,
+                         sample_rate=a.sample_rate, lr=a.lr, chunk=chunk, sf2_opts=a.sf2_opts, log=a.log,
+                         measure_memory=not a.no_memory)
+                )  # fmt: skip
+    return out
+
+
+def _summary(r: dict) -> str:
+    peak = r["peak_step_bytes"]
+    ar = r["comm_per_step"]["all_reduce"]
+    return (
+        f"{label(r):32s} K={r['num_classes']:>8d} W={r['world_size']}: step {r['step_time_s'] * 1e3:9.1f} ms, "
+        f"3-GEMM {r['gemm3_time_s'] * 1e3:9.1f} ms, ratio {r['ratio_to_gemm3']:5.2f}, "
+        f"peak {'-' if peak is None else f'{peak / 2**20:8.1f} MiB'}, "
+        f"all_reduce {ar['calls']}x{ar['bytes']}B, wire {wire_bytes(r)} B"
     )
 
 
@@ -184,53 +376,58 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sample-rate", type=float, default=1.0, help="Partial-FC sample rate")
+    p.add_argument(
+        "--pfc-chunks", nargs="+", default=["none"], help="Partial-FC chunk sizes; none = materialised"
+    )
+    p.add_argument("--sf2-opt", dest="sf2_opts", action="append", default=[], metavar="KEY=VALUE",
+                   help="SphereFace2Head keyword (e.g. chunk_size=4096, fused_update=True, proxy_dtype=bf16)")  # fmt: skip
+    p.add_argument("--max-k-for-world", nargs="*", default=[], metavar="W=K",
+                   help="skip K above this for world size W, e.g. 4=100000")  # fmt: skip
+    p.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--launcher", choices=["spawn", "torchrun"], default="spawn")
-    p.add_argument("--log", action="store_true", help="print every step's loss and collectives")
+    p.add_argument("--log", action="store_true", help="print every step's loss and time")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    a.sf2_opts = _parse_opts(a.sf2_opts)
+    max_k = {int(w): int(k) for w, k in (item.split("=") for item in a.max_k_for_world)}
 
     results = []
     if a.launcher == "torchrun":
         from fr_dist.runtime import init_distributed, shutdown
 
         env, dev = init_distributed()
-        for head in a.heads:
-            for K in a.num_classes:
-                cfg = _config(a, head, K, device=str(dev))
-                r = run_config(env.rank, env.world_size, **cfg)
-                if env.is_main:
-                    results.append(r)
-                    print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+        for cfg in _configs(a):
+            r = run_config(env.rank, env.world_size, device=str(dev), **cfg)
+            if env.is_main:
+                results.append(r)
+                print(_summary(r), flush=True)
         if env.is_main:
             _write(results, a)
         shutdown(0)
     from fr_dist.testing import spawn_gloo
 
     for W in a.world_sizes:
-        for head in a.heads:
-            for K in a.num_classes:
-                cfg = _config(a, head, K, threads=a.threads)
-                r = spawn_gloo(_spawned, W, args=(cfg,), timeout_s=1800)[0]
-                results.append(r)
-                print(
-                    f"{head:11s} K={K:>8d} W={W}: step {r['step_time_s'] * 1e3:8.2f} ms, "
-                    f"{r['images_per_s']:9.1f} img/s, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, "
-                    f"all_reduce {r['comm_per_step']['all_reduce']['calls']}x{r['comm_per_step']['all_reduce']['bytes']}B",
-                    flush=True,
-                )
+        for cfg in _configs(a):
+            if cfg["K"] > max_k.get(W, cfg["K"]):
+                continue
+            r = spawn_gloo(_spawned, W, args=(dict(cfg, threads=a.threads),), timeout_s=3600)[0]
+            results.append(r)
+            print(_summary(r), flush=True)
     _write(results, a)
     return 0
 
 
 def _write(results, a):
+    add_ratios(results)
     report = dict(
         benchmark="classifier",
         host=platform.node(),
         machine=platform.machine(),
         torch=torch.__version__,
         cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        sphereface2_accepts=sorted(inspect.signature(SphereFace2Head.__init__).parameters)[1:],
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         results=results,
     )

@@ -49,12 +49,19 @@ def prepare_data(cfg) -> None:
         )
         done.write_text("ok\n")
         print(f"synthetic dataset written to {syn.out_dir} in {time.time() - t0:.1f}s", flush=True)
-    while not done.exists():
+    deadline = time.time() + cfg.dist.rendezvous_timeout_s
+    while not done.exists():  # local rank 0 generates; give up (clearly) if it died or hung
+        if time.time() > deadline:
+            raise SystemExit(
+                f"fr-dist: waited {cfg.dist.rendezvous_timeout_s:g} s (dist.rendezvous_timeout_s) for local "
+                f"rank 0 to write the synthetic dataset ({done} missing): check rank 0's log, or generate it "
+                f"first with `fr-dist data synth {syn.out_dir}`"
+            )
         time.sleep(0.5)
 
 
 def cmd_train(args) -> int:
-    from fr_dist.train.config import load_config
+    from fr_dist.train.config_load import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before any process group exists
     prepare_data(cfg)
@@ -64,7 +71,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from fr_dist.train import config as C
+    from fr_dist.train import config_load as C
 
     if args.help_keys:
         print(C.format_help())
@@ -87,6 +94,12 @@ def cmd_eval(args) -> int:
     from fr_dist.eval.cli import run_eval_cli
 
     return run_eval_cli(args)
+
+
+def cmd_doctor(args) -> int:
+    from fr_dist.doctor import run_doctor
+
+    return run_doctor(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--nfolds", type=int, default=10)
     v.set_defaults(func=cmd_eval)
 
+    from fr_dist.doctor import add_arguments as add_doctor_arguments
+
+    dr = sub.add_parser(
+        "doctor", help="pre-flight: rendezvous address, interfaces, all-reduce/all-gather speed"
+    )
+    add_doctor_arguments(dr)
+    dr.set_defaults(func=cmd_doctor)
+
     try:
         from fr_dist.data.cli import add_data_commands
     except ImportError:  # pragma: no cover - the data package is part of fr_dist
@@ -129,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     if add_data_commands is not None:
         d = sub.add_parser("data", help="RecordIO tools: pack, info, synth")
         add_data_commands(d.add_subparsers(dest="data_command", required=True))
+
+    from fr_dist.plan import add_plan_arguments, run_plan_cli
+
+    pl = sub.add_parser("plan", help="cluster cost model: memory per GPU, largest K, step time")
+    add_plan_arguments(pl)
+    pl.set_defaults(func=run_plan_cli)
     return p
 
 

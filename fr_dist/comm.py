@@ -18,7 +18,7 @@ Autograd pairs (Megatron's mapping names):
 =========================  =====================  ==========================
 function                   forward                backward
 =========================  =====================  ==========================
-``gather_from_batch``      all_gather (dim 0)     reduce_scatter (sum) * s
+``gather_batch_with_labels`` all_gather (dim 0)   reduce_scatter (sum) * s
 ``reduce_from_shards``     all_reduce (sum)       identity
 ``copy_to_shards``         identity               all_reduce (sum)
 =========================  =====================  ==========================
@@ -43,12 +43,15 @@ __all__ = [
     "reduce_scatter",
     "all_reduce",
     "broadcast",
-    "gather_from_batch",
     "reduce_from_shards",
     "copy_to_shards",
     "gather_batch_with_labels",
     "check_batch_consistency",
-    "counting",
+    "barrier",
+    "CollectiveError",
+    "CollectiveTimeout",
+    "set_timeout_info",
+    "translate_failure",
 ]
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
@@ -98,17 +101,6 @@ def reset_comm_stats() -> None:
         _stats.clear()
 
 
-@contextlib.contextmanager
-def counting():
-    """``with counting() as s: ...`` -> ``s`` holds the counters of the block only."""
-    reset_comm_stats()
-    result: dict = {}
-    try:
-        yield result
-    finally:
-        result.update(comm_stats())
-
-
 # torch >= 2.10 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", getattr(dist, "all_gather_into_tensor", None))
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", getattr(dist, "reduce_scatter_tensor", None))
@@ -116,6 +108,72 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", getattr(dist, "r
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed (a peer died or closed its connection); names the collective."""
+
+
+class CollectiveTimeout(CollectiveError):
+    """A collective did not complete within the process-group timeout (a peer hung or stopped)."""
+
+
+_timeout_info = {"seconds": None, "key": "dist.timeout_s"}
+
+
+def set_timeout_info(seconds: Optional[float], key: str = "dist.timeout_s") -> None:
+    """Record the process-group timeout and its config key for error messages (runtime calls this)."""
+    _timeout_info.update(seconds=seconds, key=key)
+
+
+def translate_failure(e: BaseException, kind: str, name: str, group=None) -> CollectiveError:
+    """Public form of :func:`_failure` for collectives issued outside this module (DDP, DeepSpeed)."""
+    return _failure(e, kind, name, resolve_group(group))
+
+
+def _failure(e: BaseException, kind: str, name: str, group) -> CollectiveError:
+    """Translate gloo/NCCL's error into one that names the collective, the group and the timeout key."""
+    rank, world = world_info(group)
+    others = [r for r in range(world) if r != rank]
+    who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    secs, key = _timeout_info["seconds"], _timeout_info["key"]
+    where = f"collective {kind} '{name}' (group of {world} ranks, this is rank {rank})"
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
+        limit = f"{secs:g} s" if secs else "the process-group timeout"
+        return CollectiveTimeout(
+            f"{where} timed out after {limit}: {who} did not answer (hung, stopped or unreachable; "
+            f"see its log). The limit is the config key {key}. [{text}]"
+        )
+    if any(w in low for w in ("connection", "closed", "reset", "broken pipe", "peer")):
+        return CollectiveError(
+            f"{where} failed: {who} closed the connection (it died or exited; see its log for the "
+            f"cause). [{text}]"
+        )
+    return CollectiveError(f"{where} failed: {text}")
+
+
+@contextlib.contextmanager
+def _guard(kind: str, name: str, group):
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:  # DistBackendError / DistNetworkError are RuntimeErrors
+        raise _failure(e, kind, name, group) from e
+
+
+def barrier(group=None, name: str = "barrier") -> None:
+    """``dist.barrier`` with failures translated (:class:`CollectiveTimeout`); no-op without a group."""
+    group = resolve_group(group)
+    if group is None:
+        return
+    with _guard("barrier", name, group):
+        dist.barrier(group=group)
 
 
 # ----------------------------------------------------------------------------- raw collectives
@@ -129,7 +187,8 @@ def all_gather(x: torch.Tensor, group=None, name: str = "tensor") -> torch.Tenso
     world = dist.get_world_size(group)
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
+    with _guard("all_gather", name, group):
+        _all_gather_single(out, x, group=group)
     _record("all_gather", name, _nbytes(out), world)
     return out
 
@@ -144,7 +203,8 @@ def reduce_scatter(x: torch.Tensor, group=None, name: str = "tensor") -> torch.T
         raise ValueError(f"reduce_scatter: dim 0 ({x.shape[0]}) not divisible by world size {world}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
+    with _guard("reduce_scatter", name, group):
+        _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
     _record("reduce_scatter", name, _nbytes(x), world)
     return out
 
@@ -152,19 +212,17 @@ def reduce_scatter(x: torch.Tensor, group=None, name: str = "tensor") -> torch.T
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
-def all_reduce(x: torch.Tensor, op: str = "sum", group=None, name: str = "tensor", async_op: bool = False):
-    """All-reduce a copy of ``x`` (the caller's tensor is never modified).
-
-    Returns the reduced tensor, or ``(tensor, work)`` with ``async_op=True`` (call ``work.wait()``).
-    """
+def all_reduce(x: torch.Tensor, op: str = "sum", group=None, name: str = "tensor") -> torch.Tensor:
+    """All-reduce a copy of ``x`` (the caller's tensor is never modified)."""
     group = resolve_group(group)
     out = x.detach().clone()
     if group is None:
-        return (out, None) if async_op else out
+        return out
     world = dist.get_world_size(group)
-    work = dist.all_reduce(out, op=getattr(dist.ReduceOp, _OPS[op]), group=group, async_op=async_op)
+    with _guard("all_reduce", name, group):
+        dist.all_reduce(out, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
     _record("all_reduce", name, _nbytes(out), world)
-    return (out, work) if async_op else out
+    return out
 
 
 def broadcast(x: torch.Tensor, src: int = 0, group=None, name: str = "tensor") -> torch.Tensor:
@@ -173,38 +231,13 @@ def broadcast(x: torch.Tensor, src: int = 0, group=None, name: str = "tensor") -
     if group is None:
         return x
     out = x.detach().clone().contiguous()
-    dist.broadcast(out, src=dist.get_global_rank(group, src), group=group)
+    with _guard("broadcast", name, group):
+        dist.broadcast(out, src=dist.get_global_rank(group, src), group=group)
     _record("broadcast", name, _nbytes(out), dist.get_world_size(group))
     return out
 
 
 # ----------------------------------------------------------------------------- autograd pairs
-
-
-class _GatherFromBatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, grad_scale, name):
-        ctx.group, ctx.grad_scale, ctx.name = group, grad_scale, name
-        return all_gather(x, group, name=name)  # [B, ...] -> [W*B, ...]
-
-    @staticmethod
-    def backward(ctx, grad):
-        g = reduce_scatter(grad, ctx.group, name=f"grad_{ctx.name}")  # [W*B, ...] -> [B, ...]
-        if ctx.grad_scale != 1.0:
-            g = g * ctx.grad_scale
-        return g, None, None, None
-
-
-def gather_from_batch(x: torch.Tensor, group=None, grad_scale: float = 1.0, name: str = "embeddings"):
-    """Forward all-gather of the data-parallel batch; backward reduce-scatter (sum) times ``grad_scale``.
-
-    With ``grad_scale=1`` the local gradient is exactly dL/dx of the global loss. Pass the
-    world size to pre-compensate a data-parallel wrapper that averages gradients (DDP).
-    """
-    group = resolve_group(group)
-    if group is None:
-        return x * grad_scale if grad_scale != 1.0 and x.requires_grad else x
-    return _GatherFromBatch.apply(x, group, float(grad_scale), name)
 
 
 class _ReduceFromShards(torch.autograd.Function):
@@ -284,7 +317,8 @@ def gather_batch_with_labels(
     """One all-gather of embeddings [B, D] and int64 labels [B] -> ([W*B, D], [W*B]).
 
     Backward reduce-scatters (sums) only the embedding gradient and multiplies it by
-    ``grad_scale`` (see :func:`gather_from_batch`).
+    ``grad_scale``: 1 gives exactly dL/dx of the global loss; the world size pre-compensates a
+    data-parallel wrapper that averages gradients (DDP).
     """
     group = resolve_group(group)
     if group is None:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import yaml
 
-from fr_dist.train import checkpoint as ckpt
+from fr_dist import checkpoint_io as ckpt
 
 __all__ = [
     "resolve_checkpoint",
@@ -64,7 +64,7 @@ def _build(spec: dict):
 
 def _backbone_state(folder: Path) -> dict:
     if (folder / "backbone.pt").is_file():
-        return torch.load(folder / "backbone.pt", map_location="cpu", weights_only=False)
+        return ckpt.safe_load(folder / "backbone.pt")
     ds = folder / "deepspeed"
     if ds.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -72,7 +72,7 @@ def _backbone_state(folder: Path) -> dict:
         # module states (every key, buffers and frozen params included, in the training dtype),
         # overlaid with the fp32 master weights reassembled from the ZeRO partitions
         states = sorted((ds / "engine").glob("mp_rank_*_model_states.pt"))
-        sd = dict(torch.load(states[0], map_location="cpu", weights_only=False)["module"]) if states else {}
+        sd = dict(ckpt.safe_load(states[0])["module"]) if states else {}
         sd.update(get_fp32_state_dict_from_zero_checkpoint(str(ds), tag="engine"))
         return {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
     raise ckpt.CheckpointError(f"{folder}: neither backbone.pt nor a deepspeed/ checkpoint")
@@ -92,7 +92,9 @@ def load_backbone_from_checkpoint(path, step: Optional[int] = None):
 
 
 def load_exported(path):
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = ckpt.safe_load(path)  # weights_only: an exported file cannot run code
+    if not (isinstance(blob, dict) and {"state_dict", "model"} <= set(blob)):
+        raise ckpt.CheckpointError(f"{path}: not an fr_dist export (expected keys state_dict, model)")
     model = _build(blob["model"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob["model"]

@@ -20,7 +20,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "detect_env", "init_distributed", "shutdown", "first_slurm_host"]
+__all__ = [
+    "DistEnv",
+    "RendezvousError",
+    "detect_env",
+    "init_distributed",
+    "shutdown",
+    "first_slurm_host",
+    "attempt_prefix",
+]
+
+
+class RendezvousError(RuntimeError):
+    """The process group could not be started (store unreachable, peers never joined the set-up).
+
+    The message names this rank, the store address and port, and the config key that bounds the
+    wait (``dist.rendezvous_timeout_s``). Not a :class:`fr_dist.comm.CollectiveError`: no collective ran.
+    """
 
 
 @dataclass(frozen=True)
@@ -99,10 +115,21 @@ def detect_env(environ: dict | None = None) -> DistEnv:
 
 
 def select_device(local_rank: int, device: str = "auto") -> torch.device:
-    """``auto``: CUDA GPU ``local_rank`` when CUDA is available, else CPU."""
+    """``auto``: CUDA GPU ``local_rank`` when CUDA is available, else CPU.
+
+    ``device=cuda`` on a machine (or a torch build) without CUDA raises a ConfigError naming the key.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
+        if not torch.cuda.is_available():
+            from fr_dist.errors import ConfigError
+
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise ConfigError(
+                f"device=cuda but this machine has {build} (torch {torch.__version__}); "
+                "use device=cpu or device=auto"
+            )
         dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
         return dev
@@ -113,14 +140,38 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def attempt_prefix(environ: dict | None = None) -> str | None:
+    """Key prefix of this restart attempt in torchrun's agent store, ``None`` when not under one.
+
+    Under ``torchrun`` without ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` the workers' MASTER_ADDR:PORT
+    is the agent's rendezvous store, which lives as long as the job. The attempt number
+    (``TORCHELASTIC_RESTART_COUNT``) and the world size (a membership change of an elastic job
+    restarts the workers without counting a restart, and changes the world size) keep the keys of a
+    new attempt apart from those of the attempt before.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    return f"fr_dist/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/w{env.get('WORLD_SIZE', '?')}"
+
+
 def init_distributed(
-    device: str = "auto", timeout_s: float = 600.0, environ: dict | None = None
+    device: str = "auto",
+    timeout_s: float = 180.0,
+    environ: dict | None = None,
+    rendezvous_timeout_s: float | None = None,
 ) -> tuple[DistEnv, torch.device]:
     """Initialise the default process group if the launcher asked for more than one process.
 
-    Returns the environment and the device of this rank. With world size 1 and no launcher
-    no process group is created (every fr_dist collective then short-circuits).
+    ``timeout_s`` (config ``dist.timeout_s``) bounds every collective: a hung or stopped peer makes
+    the others raise :class:`fr_dist.comm.CollectiveTimeout` naming the collective. Start-up
+    (rendezvous + connection set-up) may take ``rendezvous_timeout_s`` (``dist.rendezvous_timeout_s``;
+    default ``timeout_s``). Returns the environment and the device of this rank. With world size 1
+    and no launcher no process group is created (every fr_dist collective then short-circuits).
     """
+    from fr_dist import comm
+
+    rdzv = float(rendezvous_timeout_s or timeout_s)
     env = detect_env(environ)
     dev = select_device(env.local_rank, device)
     if env.world_size > 1 and not dist.is_initialized():
@@ -131,14 +182,37 @@ def init_distributed(
             os.environ.setdefault("RANK", str(env.rank))
             os.environ.setdefault("WORLD_SIZE", str(env.world_size))
             os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
-        dist.init_process_group(
-            backend=backend_for(dev),
-            init_method="env://",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            **({"device_id": dev} if dev.type == "cuda" else {}),
-        )
+        addr = os.environ.get("MASTER_ADDR", env.master_addr)
+        port = os.environ.get("MASTER_PORT", str(env.master_port))
+        timeout = datetime.timedelta(seconds=rdzv)
+        try:
+            prefix = attempt_prefix(environ)
+            if prefix is not None:
+                # torchrun's agent store (its rendezvous TCPStore, shared with the workers since torch
+                # 2.4) outlives a --max-restarts restart and holds the dead attempt's gloo addresses and
+                # barrier counters: give every attempt its own key space in it.
+                base = dist.TCPStore(addr, int(port), env.world_size, is_master=False, timeout=timeout)
+                init = dict(store=dist.PrefixStore(prefix, base))
+            else:
+                init = dict(init_method="env://")
+            dist.init_process_group(
+                backend=backend_for(dev),
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timeout,
+                **init,
+                **({"device_id": dev} if dev.type == "cuda" else {}),
+            )
+        except RuntimeError as e:  # DistNetworkError / DistStoreError / gloo: name the address and the key
+            raise RendezvousError(
+                f"rank {env.rank}/{env.world_size}: could not join the process group at {addr}:{port} "
+                f"within dist.rendezvous_timeout_s={rdzv:g} s ({str(e).strip().splitlines()[-1]})"
+            ) from e
+        if rdzv != timeout_s:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(datetime.timedelta(seconds=timeout_s))
+        comm.set_timeout_info(timeout_s, "dist.timeout_s")
     return env, dev
 
 
@@ -151,8 +225,15 @@ def shutdown(code: int = 0) -> None:
     try:
         if dist.is_available() and dist.is_initialized():
             if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
+                from fr_dist import comm
+
+                try:
+                    comm.barrier(name="shutdown")
+                except RuntimeError as e:  # a peer died after this rank finished: say so, exit non-zero
+                    print(f"fr_dist: {e}", file=sys.stderr)
+                    code = 1
+            if code == 0:  # destroying a group with a dead/hung peer can block: leave without it
+                dist.destroy_process_group()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

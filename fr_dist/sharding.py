@@ -1,17 +1,20 @@
-"""Contiguous, uneven class sharding (insightface arithmetic) and re-sharding helpers.
+"""Contiguous, uneven class sharding (insightface arithmetic): the home of row arithmetic.
 
 Rank ``r`` of ``W`` owns classes ``[start_r, start_r + n_r)`` with
 ``n_r = K // W + (r < K % W)`` and ``start_r = (K // W) * r + min(r, K % W)``.
 K < W is allowed: the last ``W - K`` ranks own zero classes.
+
+Re-sharding (checkpoints saved on W ranks loaded on W', a full [K, D] matrix loaded into a
+shard) is :func:`copy_rows`: rows of one range copied into the overlapping rows of another.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["class_range", "shard_ranges", "shard_of_class", "reshard", "assemble"]
+__all__ = ["class_range", "overlap", "copy_rows", "assemble"]
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -24,18 +27,25 @@ def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return base * rank + min(rank, extra), base + (1 if rank < extra else 0)
 
 
-def shard_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
-    """[(class_start, num_local)] for every rank."""
-    return [class_range(num_classes, r, world_size) for r in range(world_size)]
+def overlap(a_start: int, a_count: int, b_start: int, b_count: int) -> Optional[tuple[int, int]]:
+    """[lo, hi) of the classes that rows ``[a_start, +a_count)`` and ``[b_start, +b_count)`` share."""
+    lo, hi = max(a_start, b_start), min(a_start + a_count, b_start + b_count)
+    return (lo, hi) if hi > lo else None
 
 
-def shard_of_class(labels: torch.Tensor, num_classes: int, world_size: int) -> torch.Tensor:
-    """Owning rank of each class id."""
-    base, extra = divmod(num_classes, world_size)
-    big = (base + 1) * extra  # classes held by the first ``extra`` ranks
-    if base == 0:
-        return labels.clone()
-    return torch.where(labels < big, labels // (base + 1), extra + (labels - big) // base)
+@torch.no_grad()
+def copy_rows(dst: torch.Tensor, dst_start: int, src: torch.Tensor, src_start: int) -> int:
+    """Copy the rows of ``src`` (classes ``[src_start, +len(src))``) that ``dst`` (classes
+    ``[dst_start, +len(dst))``) also holds into ``dst`` (cast to its dtype); returns the row count.
+
+    Works for any per-row tensor [n, ...]: weights, momentum, Adam moments, master rows.
+    """
+    ov = overlap(dst_start, dst.shape[0], src_start, src.shape[0])
+    if ov is None:
+        return 0
+    lo, hi = ov
+    dst[lo - dst_start : hi - dst_start] = src[lo - src_start : hi - src_start].to(dst.dtype)  # [hi-lo, ...]
+    return hi - lo
 
 
 def assemble(shards: Sequence[torch.Tensor], starts: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -45,9 +55,3 @@ def assemble(shards: Sequence[torch.Tensor], starts: Sequence[int], num_classes:
     if full.shape[0] != num_classes:
         raise ValueError(f"shards cover {full.shape[0]} rows, expected {num_classes}")
     return full
-
-
-def reshard(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's rows of a full [K, ...] tensor (a copy)."""
-    start, n = class_range(full.shape[0], rank, world_size)
-    return full[start : start + n].clone()

@@ -21,6 +21,24 @@
 #   MAX_RESTARTS    torchrun group restarts on failure (default 0); resume with checkpoint.resume=auto
 #   PYTHON          interpreter with fr_dist installed (default .venv/bin/python if present, else python3)
 #   TORCHRUN_ARGS   extra torchrun options
+#   RDZV_TIMEOUT    seconds a node waits for its peers (default 300): a node other than 0 first waits
+#                   this long for node 0's rendezvous store to accept, then fails naming the address;
+#                   it is also torchrun's join_timeout (--rdzv-conf)
+#   RDZV_READ_TIMEOUT  rendezvous store operations (torchrun read_timeout, default 60)
+#   LOCAL_ADDR      this node's address for --local-addr (default: the address that routes to the
+#                   rendezvous host); the workers' MASTER_ADDR is node 0's LOCAL_ADDR
+#   FR_DIST_COMMAND fr-dist subcommand run on every rank (default train; `doctor` = pre-flight)
+#   FR_DIST_SCRIPT  run this Python script on every rank instead (e.g. benchmarks/classifier.py)
+#
+# Multi-node (NNODES > 1) pre-flight, before torchrun starts (fr_dist.doctor launch-env):
+#   * the rendezvous host is resolved ON THIS NODE; a loopback answer (Debian's "127.0.1.1 host"
+#     line in /etc/hosts, most containers) or no answer stops the launch with exit code 3 and
+#     the fix, instead of a job in which every node waits forever;
+#   * --local-addr=<this node's routable address> is passed, so the address torchrun advertises
+#     (and the workers' MASTER_ADDR) is not whatever the hostname resolves to;
+#   * GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when unset, are set to the interface that owns that
+#     address (gloo otherwise binds the hostname's address, 127.0.1.1 on such hosts);
+#   * nodes other than 0 wait at most RDZV_TIMEOUT s for the store and then exit 3 naming it.
 #
 # Network variables (export them before calling this script, or in the sbatch file):
 #   NCCL_SOCKET_IFNAME=ib0|eth0|^lo,docker0  NIC for NCCL's bootstrap / socket transport. Set it
@@ -40,8 +58,14 @@
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (set below): the workers' process group gets its own
 # TCPStore (hosted by global rank 0 on a free port of its node) instead of reusing the agent's
 # c10d rendezvous store, which torchrun shares with the workers by default since torch 2.4.
-# The separate store is the long-standing behaviour and sidesteps problems reported with the
-# shared one (workers and agents contending on one store, restarts of the worker group).
+# With the shared store, a restart under --max-restarts read the previous attempt's addresses
+# (no per-attempt prefix): "connection refused" to a dead rank or a hang in gloo's connection
+# set-up in 3 of 5 SIGKILL-a-rank trials; with the variable 5 of 5 restarts worked. (fr_dist now
+# also prefixes its process-group keys per attempt when the variable is unset: belt and braces.)
+#
+# torchrun runs as `python -m fr_dist.launch` (torchrun's own main, same arguments): after a
+# graceful stop (SIGTERM / SIGUSR1 -> every local rank checkpointed and exited 0) it exits 0 with
+# "fr_dist.launch: stopped gracefully by SIGTERM at step N, checkpoint ..." instead of torchrun's 1.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -93,28 +117,57 @@ if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
     exit 2
   fi
 fi
-RDZV_CONF=""
-if [[ -n "$NODE_RANK" ]]; then
-  if [[ "$NODE_RANK" == "0" ]]; then RDZV_CONF="--rdzv-conf=is_host=1"; else RDZV_CONF="--rdzv-conf=is_host=0"; fi
-fi
-
+[[ "$RDZV_ENDPOINT" == *:* ]] || RDZV_ENDPOINT="$RDZV_ENDPOINT:29400"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# Every worker restart of `--max-restarts` then gets a fresh process-group store (see header).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
 
-echo "torchrun_multinode: node ${NODE_RANK:-?} of $NNODES on $(hostname), $NPROC_PER_NODE rank(s)/node," \
-  "rendezvous $RDZV_ENDPOINT (id $RDZV_ID): fr-dist train ${ARGS[*]}" >&2
-# shellcheck disable=SC2086  # RDZV_CONF / TORCHRUN_ARGS are option lists
-exec "$PYTHON" -m torch.distributed.run \
+RDZV_TIMEOUT="${RDZV_TIMEOUT:-300}"
+RDZV_READ_TIMEOUT="${RDZV_READ_TIMEOUT:-60}"
+RDZV_CONF="join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_READ_TIMEOUT"
+if [[ -n "$NODE_RANK" ]]; then
+  if [[ "$NODE_RANK" == "0" ]]; then RDZV_CONF="is_host=1,$RDZV_CONF"; else RDZV_CONF="is_host=0,$RDZV_CONF"; fi
+fi
+LOCAL_ADDR_ARG=()
+NNODES_MIN="${NNODES%%:*}"
+if [[ "$NNODES_MIN" -gt 1 || "$NNODES" == *:* ]]; then
+  # Multi-node: resolve the rendezvous host HERE; refuse loopback (127.0.1.1 <hostname> in
+  # /etc/hosts) instead of hanging; pass this node's routable address (--local-addr) and pin
+  # gloo/NCCL to the interface that owns it unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set.
+  # A node other than 0 first waits (at most RDZV_TIMEOUT s) until the rendezvous store accepts.
+  probe=0
+  if [[ -n "$NODE_RANK" && "$NODE_RANK" != "0" ]]; then probe="$RDZV_TIMEOUT"; fi
+  if ! net_env=$("$PYTHON" -m fr_dist.doctor launch-env --endpoint "$RDZV_ENDPOINT" \
+    --nnodes "$((NNODES_MIN > 2 ? NNODES_MIN : 2))" --probe "$probe"); then
+    echo "torchrun_multinode: refusing to start on $(hostname) (node ${NODE_RANK:-?}): see the message above" >&2
+    exit 3
+  fi
+  eval "$net_env"
+  [[ -n "${GLOO_SOCKET_IFNAME:-}" ]] && export GLOO_SOCKET_IFNAME
+  [[ -n "${NCCL_SOCKET_IFNAME:-}" ]] && export NCCL_SOCKET_IFNAME
+  if [[ -n "${LOCAL_ADDR:-}" ]]; then LOCAL_ADDR_ARG=(--local-addr="$LOCAL_ADDR"); fi
+  # the endpoint as the resolved IP: every node and torchrun itself then use the same address
+  if [[ -n "${RDZV_ADDR:-}" && "$RDZV_ADDR" != *:* ]]; then RDZV_ENDPOINT="$RDZV_ADDR:${RDZV_ENDPOINT##*:}"; fi
+fi
+
+echo "torchrun_multinode: node ${NODE_RANK:-?} of $NNODES on $(hostname) (${LOCAL_ADDR:-local}), $NPROC_PER_NODE rank(s)/node," \
+  "rendezvous $RDZV_ENDPOINT (id $RDZV_ID, timeout ${RDZV_TIMEOUT}s)," \
+  "gloo if ${GLOO_SOCKET_IFNAME:-auto}, NCCL if ${NCCL_SOCKET_IFNAME:-auto}: ${FR_DIST_SCRIPT:-fr-dist ${FR_DIST_COMMAND:-train}} ${ARGS[*]}" >&2
+# what each rank runs: `fr-dist train` (FR_DIST_COMMAND=doctor for the pre-flight), or a script
+if [[ -n "${FR_DIST_SCRIPT:-}" ]]; then ENTRY=("$FR_DIST_SCRIPT"); else ENTRY=(-m fr_dist.cli "${FR_DIST_COMMAND:-train}"); fi
+# shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of options
+exec "$PYTHON" -m fr_dist.launch \
   --nnodes="$NNODES" \
   --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d \
   --rdzv-endpoint="$RDZV_ENDPOINT" \
   --rdzv-id="$RDZV_ID" \
-  $RDZV_CONF \
+  --rdzv-conf="$RDZV_CONF" \
+  "${LOCAL_ADDR_ARG[@]}" \
   --max-restarts="${MAX_RESTARTS:-0}" \
   ${TORCHRUN_ARGS:-} \
-  -m fr_dist.cli train "${ARGS[@]}"
+  "${ENTRY[@]}" "${ARGS[@]}"

@@ -18,6 +18,12 @@
 #
 # --standalone runs a private c10d rendezvous on a free local port, so several jobs can share
 # a node. For several nodes use launch/torchrun_multinode.sh.
+#
+# torchrun is started as `python -m fr_dist.launch` (torchrun's own main, same arguments): after a
+# stop signal (kill -TERM <this pid>, a scheduler) the ranks checkpoint and exit 0, and so does the
+# launcher ("fr_dist.launch: stopped gracefully by SIGTERM at step N, checkpoint ..."); plain
+# torchrun exits 1 there. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every --max-restarts attempt
+# a fresh process-group store (fr_dist also prefixes its keys per attempt when the variable is unset).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,10 +54,11 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 echo "torchrun_single: $NPROC rank(s) on $(hostname): fr-dist train $*" >&2
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of options
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m fr_dist.launch \
   --standalone \
   --nnodes=1 \
   --nproc-per-node="$NPROC" \

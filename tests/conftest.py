@@ -34,3 +34,13 @@ def mxnet_fixture_dir(shared_dir) -> Path:
     if not d.is_dir():
         pytest.skip(f"MXNet RecordIO fixture not found at {d}")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _no_test_backbones_left_registered():
+    """Integration tests register a tiny test backbone in-process; keep the registry clean after."""
+    yield
+    from fr_dist.models import registry
+
+    for name in [n for n in registry._REGISTRY if n.startswith("test_")]:
+        del registry._REGISTRY[name]

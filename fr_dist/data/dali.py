@@ -41,6 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fr_dist.data.image import PIXEL_MEAN, PIXEL_STD
 from fr_dist.data.recordio import open_recordio
 from fr_dist.data.sampler import ShardedSampler, flip_bits
 
@@ -313,8 +314,8 @@ class DaliTrainLoader:
                 images,
                 dtype=types.FLOAT,
                 output_layout="CHW",
-                mean=[127.5, 127.5, 127.5],
-                std=[127.5, 127.5, 127.5],
+                mean=[PIXEL_MEAN] * 3,
+                std=[PIXEL_STD] * 3,
                 mirror=mirror,
             )
             outs = [images, labels]

@@ -7,7 +7,9 @@ Pillow (results in ``benchmarks/results/``). PNG and anything simplejpeg rejects
 OpenCV (libpng/libjpeg-turbo inside its wheel), then Pillow. All three use libjpeg-turbo's
 default IDCT, so they agree exactly on JPEG (the tests check within 1 on uint8).
 
-Normalisation: ``(x - 127.5) / 127.5`` -> [-1, 1], as insightface's ``arcface_torch``.
+Normalisation: ``(x - 127.5) / 127.5`` -> [-1, 1], as insightface's ``arcface_torch``:
+:data:`PIXEL_MEAN`, :data:`PIXEL_STD` and :func:`normalize_pixels` are its one definition (the
+loaders, DALI, evaluation and the exported model's input contract use them).
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ __all__ = [
     "DECODERS",
     "decode_image",
     "encode_jpeg",
-    "hflip",
     "resize_to",
-    "normalize_chw",
-    "to_chw_uint8",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "normalize_pixels",
 ]
+
+PIXEL_MEAN = 127.5
+PIXEL_STD = 127.5
 
 
 def _decode_simplejpeg(buf: bytes) -> np.ndarray:
@@ -89,11 +94,6 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
-def hflip(img: np.ndarray) -> np.ndarray:
-    """Horizontal mirror of an HxWxC image (a view)."""
-    return img[:, ::-1]
-
-
 def resize_to(img: np.ndarray, size: Optional[tuple[int, int]]) -> np.ndarray:
     """Bilinear resize to ``size`` = (h, w) when the image differs (no-op otherwise)."""
     if size is None or img.shape[:2] == tuple(size):
@@ -103,18 +103,17 @@ def resize_to(img: np.ndarray, size: Optional[tuple[int, int]]) -> np.ndarray:
     return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def to_chw_uint8(img: np.ndarray, flip: bool = False) -> np.ndarray:
-    """HxWx3 uint8 -> contiguous 3xHxW uint8, optionally mirrored."""
-    if flip:
-        img = hflip(img)
-    return np.ascontiguousarray(img.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
+def normalize_pixels(pixels, dtype=None):
+    """uint8 pixels (numpy array or torch tensor, any shape) -> ``(x - 127.5) / 127.5`` in [-1, 1].
 
+    Returns a new float array / tensor (float32, or ``dtype``); the input is never modified.
+    """
+    if isinstance(pixels, np.ndarray):
+        out = pixels.astype(dtype or np.float32)  # a copy
+        out -= PIXEL_MEAN
+        out /= PIXEL_STD
+        return out
+    import torch
 
-def normalize_chw(img: np.ndarray, flip: bool = False) -> np.ndarray:
-    """HxWx3 uint8 -> 3xHxW float32 in [-1, 1] ((x - 127.5) / 127.5), optionally mirrored."""
-    if flip:
-        img = hflip(img)
-    out = img.transpose(2, 0, 1).astype(np.float32)  # [H, W, 3] -> [3, H, W]
-    out -= 127.5
-    out /= 127.5
-    return out
+    out = pixels.to(dtype or torch.float32, copy=True)
+    return out.sub_(PIXEL_MEAN).div_(PIXEL_STD)

@@ -16,7 +16,13 @@ of seed, epoch and sample), so the data stream is a pure function of seed, epoch
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import multiprocessing
+import os
+import signal
+import threading
 from typing import Optional
 
 import numpy as np
@@ -48,8 +54,10 @@ def normalize_on_device(images_u8: torch.Tensor) -> torch.Tensor:
 class RecordDataset(torch.utils.data.Dataset):
     """Item ``(i, flip)`` (or ``i``) -> (image [3, H, W], int label) of the i-th image record.
 
-    The image is uint8, or float32 in [-1, 1] with ``normalize="worker"``; with ``image_size``
-    (h, w) images of another size are resized bilinearly (None keeps the decoded size). With ``skip_bad`` a record that cannot be
+    The image is uint8, or float32 in [-1, 1] with ``normalize="worker"``. Every image must have the
+    dataset's size (``property``; without one, ``image_size``): another size is a RecordIOError naming
+    file, key and sizes. With ``image_size`` (h, w) different from the dataset's size, the whole
+    dataset is resized bilinearly to it (``model.input_size``; the trainer announces it). With ``skip_bad`` a record that cannot be
     read, labelled or decoded is replaced by the next good one in key order and counted
     (``self.bad``, per worker process) with a warning in the log; otherwise the
     :class:`RecordIOError` (file, key, byte offset) propagates.
@@ -75,8 +83,19 @@ class RecordDataset(torch.utils.data.Dataset):
         return len(self.keys)
 
     def load(self, i: int, flip: bool) -> tuple[np.ndarray, int]:
-        img, label = self.rec.sample(int(self.keys[i]))
-        img = resize_to(img, self.image_size)
+        key = int(self.keys[i])
+        img, label = self.rec.sample(key)
+        native = self.rec.image_size or self.image_size  # the dataset's size (property), else the model's
+        if native is not None and tuple(img.shape[:2]) != tuple(native):
+            src = "the dataset's property file says" if self.rec.image_size else "model.input_size is"
+            raise RecordIOError(
+                self.rec.path,
+                f"image is {img.shape[0]}x{img.shape[1]} but {src} {native[0]}x{native[1]}; fr_dist never "
+                "resizes single odd images silently: re-pack the dataset at one size",
+                key,
+                self.rec.index[key],
+            )
+        img = resize_to(img, self.image_size)  # the whole dataset to model.input_size (announced by run.py)
         if flip:
             img = img[:, ::-1]
         chw = img.transpose(2, 0, 1)  # [H, W, 3] -> [3, H, W]
@@ -146,7 +165,13 @@ def worker_start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def _worker_init(_worker_id: int) -> None:
+def _worker_init(_worker_id: int, parent_pid: Optional[int] = None) -> None:
+    from fr_dist.signals import ignore_stop_signals
+
+    # Stop signals are for the trainer (it checkpoints, then exits and takes the workers with it).
+    # A forked/spawned worker dies with the trainer (PDEATHSIG); a forkserver child's parent is the
+    # fork server, which exits with the trainer, and torch's worker watchdog then ends the worker.
+    ignore_stop_signals(die_with_parent=parent_pid is not None and os.getppid() == parent_pid)
     torch.set_num_threads(1)
     try:
         import cv2
@@ -154,6 +179,48 @@ def _worker_init(_worker_id: int) -> None:
         cv2.setNumThreads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+def _kill_daemon_children() -> None:
+    """At interpreter exit: SIGKILL the daemonic children (DataLoader workers).
+
+    multiprocessing's own exit hook SIGTERMs daemonic children and then joins them without a
+    timeout; our workers ignore SIGTERM (stop signals are for the trainer), so that join would
+    hang forever. This hook is registered after multiprocessing's, so it runs first (LIFO).
+    """
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
+@functools.cache
+def _register_exit_kill() -> None:
+    atexit.register(_kill_daemon_children)
+
+
+def _forkserver_ignoring_stop_signals() -> None:
+    """(Re)start multiprocessing's fork server with SIGTERM/SIGUSR1 ignored (inherited across exec).
+
+    torchrun and Slurm signal the whole process group; a fork server killed by SIGTERM takes the
+    DataLoader workers forked from it down, and the rank crashes before it checkpoints.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import forkserver
+
+    from fr_dist.signals import SIGNALS
+
+    srv = forkserver._forkserver
+    if getattr(srv, "_fr_dist_ignores_stop", False) and srv._forkserver_pid is not None:
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
+    try:
+        srv._stop()  # one started before (e.g. by the synthetic generator) has the default handlers
+        srv.ensure_running()
+        srv._fr_dist_ignores_stop = True
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 class TrainLoader:
@@ -170,14 +237,19 @@ class TrainLoader:
         self.dataset, self.sampler, self.device = dataset, sampler, torch.device(device)
         self.num_classes, self.num_images = dataset.num_classes, len(dataset)
         cuda = self.device.type == "cuda"
+        method = worker_start_method() if num_workers > 0 else None
+        if num_workers > 0:
+            _register_exit_kill()
+        if method == "forkserver":
+            _forkserver_ignoring_stop_signals()
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=FlipBatchSampler(sampler, flip),
             num_workers=num_workers,
             collate_fn=_collate,
             pin_memory=cuda,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            multiprocessing_context=worker_start_method() if num_workers > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid()) if num_workers else None,
+            multiprocessing_context=method,
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )

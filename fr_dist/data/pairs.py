@@ -1,5 +1,8 @@
 """insightface ``.bin`` verification files: a pickle of (list of encoded images, list of bools).
 
+Read with a restricted unpickler (never ``pickle.load``): only containers, bytes/str, numbers,
+bools and numpy arrays/scalars are admitted, so a crafted ``evil.bin`` is refused, not executed.
+
 Images ``2i`` and ``2i+1`` form pair ``i``. Files written under Python 2 need
 ``encoding='bytes'``; both kinds are read. :func:`sample_pairs` / :func:`make_pairs_bin` build a
 pair list (half genuine, half impostor) from labelled images, e.g. held-out synthetic identities.
@@ -16,19 +19,65 @@ import numpy as np
 __all__ = ["read_bin", "write_bin", "sample_pairs", "make_pairs_bin"]
 
 
+# The only globals an insightface .bin may name: numpy arrays / scalars / dtypes (issame as a numpy
+# bool array, images as uint8 or object arrays in some community files) and ``_codecs.encode`` (how
+# Python 3 writes ``bytes`` at pickle protocol <= 2). Both numpy 1 (numpy.core) and 2 (numpy._core).
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),
+    ("builtins", "bytearray"),
+    ("__builtin__", "bytearray"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy", "bool_"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class BinUnpicklingError(pickle.UnpicklingError):
+    pass
+
+
+class _BinUnpickler(pickle.Unpickler):
+    """Admits containers, bytes/str, numbers, bools and the numpy array types above; nothing else."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise BinUnpicklingError(
+            f"refused global {module}.{name}: an insightface .bin holds only image bytes, bools and "
+            "numpy arrays (a crafted pickle can run code; this reader never imports anything else)"
+        )
+
+    def persistent_load(self, pid):
+        raise BinUnpicklingError(f"refused persistent id {pid!r}")
+
+
+def _restricted_load(f, **kwargs):
+    return _BinUnpickler(f, **kwargs).load()
+
+
 def read_bin(path) -> tuple[list, list]:
-    """(list of encoded image bytes, list of bool) with a clear error for anything else."""
+    """(list of encoded image bytes, list of bool) with a clear error for anything else.
+
+    The pickle is read by a restricted unpickler (:data:`_ALLOWED_GLOBALS`): a file naming any
+    other class or function is refused before anything from it is called.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
             try:
-                obj = pickle.load(f)
+                obj = _restricted_load(f)
             except UnicodeDecodeError:  # Python 2 `str` images: keep them as bytes
                 f.seek(0)
-                obj = pickle.load(f, encoding="bytes")
+                obj = _restricted_load(f, encoding="bytes")
     except FileNotFoundError:
         raise
-    except Exception as e:  # UnpicklingError, EOFError, ValueError, ImportError of odd classes...
+    except BinUnpicklingError as e:
+        raise ValueError(f"{path}: not a safe insightface .bin pair file: {e}") from None
+    except Exception as e:  # UnpicklingError, EOFError, ValueError...
         raise ValueError(f"{path}: not an insightface .bin pair file ({type(e).__name__}: {e})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(
@@ -37,13 +86,27 @@ def read_bin(path) -> tuple[list, list]:
         )
     bins, issame = obj
     try:
-        bins = [b if isinstance(b, bytes) else bytes(b) for b in bins]
-        issame = [bool(s) for s in issame]
-    except TypeError as e:
+        bins = [_image_bytes(b) for b in bins]
+        issame = [bool(s) for s in np.asarray(issame).reshape(-1).tolist()]
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: images must be byte strings and issame booleans ({e})") from None
     if len(bins) != 2 * len(issame):
         raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     return bins, issame
+
+
+def _image_bytes(b) -> bytes:
+    if isinstance(b, bytes):
+        return b
+    if isinstance(b, np.ndarray):  # a uint8 buffer of the encoded file
+        if b.dtype != np.uint8:
+            raise TypeError(f"an image stored as a numpy array must be uint8, got {b.dtype}")
+        return b.tobytes()
+    if isinstance(b, (bytearray, memoryview)):
+        return bytes(b)
+    if isinstance(b, str):  # Python 2 str decoded as latin-1
+        return b.encode("latin-1")
+    raise TypeError(f"image entries must be byte strings, got {type(b).__name__}")
 
 
 def write_bin(path, images: Sequence[bytes], issame: Sequence[bool]) -> None:

@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from fr_dist.data.ijb_meta import write_ijb_meta
 from fr_dist.data.image import encode_jpeg
 from fr_dist.data.pairs import sample_pairs, write_bin
 from fr_dist.data.recordio import write_dataset
@@ -380,8 +381,6 @@ def make_synthetic_ijb(
     """An IJB-layout folder from held-out synthetic identities (never in a training set that uses
     identities below ``first_identity``): ``loose_crop/*.jpg`` + ``meta/<prefix>_face_tid_mid.txt``
     and ``meta/<prefix>_template_pair_label.txt`` (genuine and impostor template pairs)."""
-    from fr_dist.eval.ijb import write_ijb_meta
-
     out = Path(out_dir)
     (out / "loose_crop").mkdir(parents=True, exist_ok=True)
     names, ids = [], []

@@ -19,7 +19,9 @@ __all__ = ["VerificationCallback"]
 
 
 class VerificationCallback:
-    """``callback(backbone) -> {set_name: {accuracy, accuracy_std, threshold, ...}}`` (flip protocol)."""
+    """``callback(backbone, best) -> ({set_name: {accuracy, accuracy_std, threshold, ...}}, best)``
+    (flip protocol). ``best`` (the caller owns it and checkpoints it): the best mean accuracy so far;
+    RUN/best is replaced only by a better model, and the returned best is then its accuracy."""
 
     def __init__(self, eval_cfg, device: torch.device, output_dir, group=None):
         from fr_dist.eval.verification import load_bin
@@ -28,10 +30,9 @@ class VerificationCallback:
         self.group = comm.resolve_group(group)
         self.rank, self.world = comm.world_info(self.group)
         self.sets = {Path(p).stem: load_bin(p) for p in eval_cfg.bins}  # name -> (images, issame)
-        self.best = -1.0
 
     @torch.no_grad()
-    def __call__(self, backbone) -> dict:
+    def __call__(self, backbone, best: float = -1.0) -> tuple[dict, float]:
         from fr_dist.eval.verification import embed_images, evaluate_pairs, l2_normalize
 
         was_training = backbone.training
@@ -53,11 +54,11 @@ class VerificationCallback:
             results[name] = {k: float(v) for k, v in res.items() if np.isscalar(v)}
         backbone.train(was_training)
         acc = float(np.mean([r["accuracy"] for r in results.values()])) if results else -1.0
-        if self.rank == 0 and self.cfg.keep_best and acc > self.best:
-            self.best = acc
-            best = self.out / "best"
-            best.mkdir(parents=True, exist_ok=True)
-            torch.save(backbone.state_dict(), best / "backbone.pt.part")
-            (best / "backbone.pt.part").replace(best / "backbone.pt")
-            (best / "eval.json").write_text(json.dumps(results, indent=1))
-        return results
+        if self.rank == 0 and self.cfg.keep_best and acc > best:
+            best = acc
+            folder = self.out / "best"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(backbone.state_dict(), folder / "backbone.pt.part")
+            (folder / "backbone.pt.part").replace(folder / "backbone.pt")
+            (folder / "eval.json").write_text(json.dumps(results, indent=1))
+        return results, best

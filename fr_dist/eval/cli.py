@@ -12,19 +12,26 @@ import json
 import sys
 from pathlib import Path
 
+from fr_dist.eval.verification import format_table
+
 __all__ = ["run_eval_cli", "format_table"]
 
-COLUMNS = ("accuracy", "accuracy_std", "threshold", "val_at_far_1e-3", "auc", "eer")
 
+def check_pair_file(path) -> None:
+    """Refuse a pair set that cannot be evaluated: unreadable/unsafe, or with one class only
+    (all genuine or all impostor pairs: AUC / EER / thresholds are undefined)."""
+    from fr_dist.data.pairs import read_bin
 
-def format_table(results: dict) -> str:
-    head = f"{'set':<18s}" + "".join(f"{c:>17s}" for c in COLUMNS)
-    lines = [head, "-" * len(head)]
-    for name, r in results.items():
-        if "accuracy" not in r:
-            continue
-        lines.append(f"{name:<18s}" + "".join(f"{r[c]:>17.4f}" for c in COLUMNS))
-    return "\n".join(lines)
+    _, issame = read_bin(path)  # restricted unpickler: raises ValueError naming the file
+    same = sum(issame)
+    if not issame:
+        raise ValueError(f"{path}: no pairs")
+    if same in (0, len(issame)):
+        kind = "genuine (same identity)" if same else "impostor (different identities)"
+        raise ValueError(
+            f"{path}: all {len(issame)} pairs are {kind}; verification needs both genuine and impostor "
+            "pairs (accuracy/AUC/EER are undefined on one class)"
+        )
 
 
 def run_eval_cli(args) -> int:
@@ -38,6 +45,11 @@ def run_eval_cli(args) -> int:
     for b in args.bin:
         if not Path(b).is_file():
             print(f"fr-dist eval: {b} not found", file=sys.stderr)
+            return 2
+        try:
+            check_pair_file(b)
+        except ValueError as e:
+            print(f"fr-dist eval: {e}", file=sys.stderr)
             return 2
     env, device = init_distributed()
     code = 0
@@ -66,10 +78,15 @@ def run_eval_cli(args) -> int:
                     json.dumps(dict(checkpoint=str(args.checkpoint), model=spec, sets=results), indent=1)
                 )
                 print(f"wrote {args.json}")
-    except Exception:
-        import traceback
+    except Exception as e:
+        from fr_dist.train.checkpoint import CheckpointError
 
-        traceback.print_exc()
+        if isinstance(e, CheckpointError):  # refused / damaged checkpoint: the message says it all
+            print(f"fr-dist eval: {e}", file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
         code = 1
     if env.world_size > 1:
         shutdown(code)

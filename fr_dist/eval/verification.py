@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fr_dist import comm
+from fr_dist.data.image import normalize_pixels
 
 __all__ = [
     "evaluate_pairs",
@@ -38,6 +39,7 @@ __all__ = [
     "auc_eer",
     "interp1d_slinear",
     "l2_normalize",
+    "format_table",
     "ACC_THRESHOLDS",
     "VAL_THRESHOLDS",
 ]
@@ -289,8 +291,8 @@ def embed_images(
 
     Rank ``r`` of ``world_size`` embeds the contiguous slice ``[r*P, (r+1)*P)`` with
     ``P = ceil(N / world_size)``; slices are zero-padded to P rows and all-gathered (one
-    collective per call, on every rank), then trimmed. Pixels are scaled as insightface
-    (``(x / 255 - 0.5) / 0.5``). The model runs in eval mode; its mode is restored.
+    collective per call, on every rank), then trimmed. Pixels are scaled as in training
+    (:func:`fr_dist.data.image.normalize_pixels`). The model runs in eval mode; its mode is restored.
     With ``flip=False`` the second array is the first.
     """
     if images.ndim != 4 or images.shape[3] != 3:
@@ -311,8 +313,7 @@ def embed_images(
         outs = []
         for s in range(lo, hi, batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[s : min(hi, s + batch_size)]))
-            x = x.to(device).permute(0, 3, 1, 2).to(dtype)  # [b, H, W, 3] -> [b, 3, H, W]
-            x = x.div(255).sub(0.5).div(0.5)
+            x = normalize_pixels(x.to(device).permute(0, 3, 1, 2), dtype)  # [b, H, W, 3] -> [b, 3, H, W]
             e = model(x).float()  # [b, D]
             if flip:
                 e = torch.cat([e, e + model(torch.flip(x, dims=[3])).float()], dim=1)  # [b, 2D]
@@ -332,6 +333,20 @@ def embed_images(
         return allb, allb
     d = width // 2
     return allb[:, :d], allb[:, d:]
+
+
+TABLE_COLUMNS = ("accuracy", "accuracy_std", "threshold", "val_at_far_1e-3", "auc", "eer")
+
+
+def format_table(results: dict) -> str:
+    """``{set name: evaluate_pairs result}`` -> a fixed-width text table (sets without accuracy skipped)."""
+    head = f"{'set':<18s}" + "".join(f"{c:>17s}" for c in TABLE_COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        if "accuracy" not in r:
+            continue
+        lines.append(f"{name:<18s}" + "".join(f"{r[c]:>17.4f}" for c in TABLE_COLUMNS))
+    return "\n".join(lines)
 
 
 def verify_bin(

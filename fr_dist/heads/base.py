@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from fr_dist import comm
-from fr_dist.sharding import class_range
+from fr_dist.checkpoint_io import CheckpointError
+from fr_dist.sharding import class_range, copy_rows
 
 __all__ = ["ShardedClassifier", "init_weight_rows"]
 
@@ -46,6 +47,7 @@ class ShardedClassifier(nn.Module):
         process_group=None,
         seed: int = 0,
         init_std: float = 0.01,
+        param_dtype: torch.dtype = torch.float32,
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
         check_finite: bool = True,
@@ -69,7 +71,7 @@ class ShardedClassifier(nn.Module):
         """Raise on NaN/inf embeddings. A trainer with its own non-finite-step guard turns this
         off so the step is skipped (and counted) instead of aborting."""
         self.weight = nn.Parameter(
-            init_weight_rows(self.class_start, self.num_local, embedding_size, seed, init_std)
+            init_weight_rows(self.class_start, self.num_local, embedding_size, seed, init_std, param_dtype)
         )  # [n_r, D]
 
     def extra_repr(self) -> str:
@@ -87,8 +89,94 @@ class ShardedClassifier(nn.Module):
                 f"load_full_weight: expected [{self.num_classes}, {self.embedding_size}] "
                 f"(num_classes, embedding_size), got {list(weight.shape)}"
             )
-        rows = weight[self.class_start : self.class_start + self.num_local]
-        self.weight.copy_(rows.to(self.weight.dtype))
+        copy_rows(self.weight, self.class_start, weight, 0)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def shard_state(self, optimizer=None) -> dict:
+        """This shard as a world-size independent record: its class range, parameters (weight rows,
+        replicated ones such as SphereFace2's bias), per-row buffers [num_local, ...] (fused-update
+        momentum, fp32 master rows), ``optimizer``'s state for these parameters, sampling generator."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        opt_state = {}
+        for group in optimizer.param_groups if optimizer is not None else ():
+            for p in group["params"]:
+                if id(p) in names and p in optimizer.state:
+                    opt_state[names[id(p)]] = {
+                        k: (v.detach().cpu() if torch.is_tensor(v) else v)
+                        for k, v in optimizer.state[p].items()
+                    }
+        return dict(
+            class_start=self.class_start,
+            num_local=self.num_local,
+            num_classes=self.num_classes,
+            embedding_size=self.embedding_size,
+            world_size=self.world_size,
+            params={n: p.detach().cpu() for n, p in self.named_parameters()},
+            row_buffers={n: b.detach().cpu() for n, b in self.named_buffers()},
+            optimizer_state=opt_state,
+            generator=self.generator.get_state() if hasattr(self, "generator") else None,
+        )
+
+    @torch.no_grad()
+    def load_resharded(self, shards, optimizer=None, source: str = "checkpoint") -> set:
+        """Fill this rank's rows from :meth:`shard_state` records of any world size, in saved-rank order
+        (an iterable: each is read once). Row-wise tensors go through :func:`sharding.copy_rows`;
+        replicated parameters and their optimizer state come from saved rank 0; the sampling
+        generator continues only on an unchanged world size. Returns the names of the loaded buffers.
+        """
+        params, buffers, loaded_buffers = dict(self.named_parameters()), dict(self.named_buffers()), set()
+        loaded_state: dict = {}
+        covered = 0
+        for i, shard in enumerate(shards):
+            for field, mine in (("num_classes", self.num_classes), ("embedding_size", self.embedding_size)):
+                if shard[field] != mine:
+                    raise CheckpointError(
+                        f"{source} has {field}={shard[field]} but the config/model has {mine}; refusing "
+                        f"to load (fr_dist never re-initialises silently): fix `{field}` or start a new run"
+                    )
+            start, n = shard["class_start"], shard["num_local"]
+            if i == 0:  # replicated parameters (bias) and their optimizer state
+                for name, v in shard["params"].items():
+                    if name != "weight":
+                        params[name].copy_(v)
+                for name, st in shard["optimizer_state"].items():
+                    if name != "weight":
+                        loaded_state[name] = {
+                            k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()
+                        }
+            if i == self.rank and shard.get("world_size") == self.world_size:
+                if shard.get("generator") is not None and hasattr(self, "generator"):
+                    self.generator.set_state(shard["generator"])
+            rows = copy_rows(self.weight, self.class_start, shard["params"]["weight"], start)
+            if rows == 0:
+                continue
+            covered += rows
+            for name, v in shard.get("row_buffers", {}).items():
+                if name in buffers:
+                    copy_rows(buffers[name], self.class_start, v, start)
+                    loaded_buffers.add(name)
+            tgt = loaded_state.setdefault("weight", {})
+            for k, v in shard["optimizer_state"].get("weight", {}).items():
+                if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == n:  # row-wise: [n, D]
+                    buf = tgt.setdefault(
+                        k, torch.zeros((self.num_local,) + tuple(v.shape[1:]), dtype=v.dtype)
+                    )
+                    copy_rows(buf, self.class_start, v, start)
+                else:
+                    tgt.setdefault(k, v.clone() if torch.is_tensor(v) else v)
+        if covered != self.num_local:
+            raise CheckpointError(
+                f"{source}: saved shards cover {covered} of this rank's {self.num_local} classes"
+            )
+        if optimizer is not None:
+            for name, st in loaded_state.items():
+                if st:
+                    p = params[name]
+                    optimizer.state[p] = {
+                        k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                        for k, v in st.items()
+                    }
+        return loaded_buffers if self.num_local else set(buffers)
 
     def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the local batch and all-gather it: [B, D], [B] -> [W*B, D], [W*B] (int64)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["num_sampled", "sample_classes"]
+__all__ = ["num_sampled", "sample_classes", "sample_negatives"]
 
 
 def num_sampled(num_local: int, sample_rate: float) -> int:
@@ -38,3 +38,32 @@ def sample_classes(
     remapped = torch.full_like(target_col, -1)
     remapped[here] = torch.searchsorted(index, target_col[here])
     return index, remapped
+
+
+def sample_negatives(
+    target_col: torch.Tensor,
+    num_local: int,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SphereFace2 negative sampling with importance weights (unbiased loss and gradient).
+
+    target_col [N] in [-1, n). Every positive class of the shard is kept (weight 1); ``k =
+    min(num_negatives, M)`` of the other M = n - P classes are drawn uniformly without
+    replacement, so each is included with probability k / M and gets weight M / k.
+    Returns (index [S] sorted shard rows, remapped target_col [N] in [-1, S), col_weight [S] float64).
+    """
+    here = target_col >= 0
+    positive = torch.unique(target_col[here], sorted=True)  # [P]
+    others = num_local - positive.numel()
+    k = max(0, min(int(num_negatives), others))
+    # uniform random keys on CPU (the stream does not depend on the device), positives excluded
+    keys = torch.rand(num_local, generator=generator).to(target_col.device)  # [n]
+    keys[positive] = -1.0
+    negative = torch.topk(keys, k=k)[1]  # [k]
+    index = torch.cat([positive, negative]).sort()[0]  # [S = P + k]
+    col_weight = torch.full(index.shape, others / k if k else 1.0, dtype=torch.float64, device=index.device)
+    col_weight[torch.isin(index, positive)] = 1.0
+    remapped = torch.full_like(target_col, -1)
+    remapped[here] = torch.searchsorted(index, target_col[here])
+    return index, remapped, col_weight

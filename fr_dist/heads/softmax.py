@@ -9,6 +9,18 @@ Conventions (insightface): weights are normalised differentiably in the forward;
 clipped to [-1, 1]; ArcFace's margin is straight-through by default (d logit / d cos = s on
 every entry), ``grad="exact"`` differentiates cos(m1 theta + m2) - m3 instead. CosFace is exact
 either way.
+
+:class:`PartialFCHead` computes exactly that, fused (:class:`_FusedMarginSoftmax`):
+
+* the row norms of the weight are folded into the cosine columns: cos = (x_hat W^T) * inv_norm
+  with ``inv_norm`` [n]; the normalisation's backward is the analytic radial correction
+  dL/dW_j = A_j - inv_j u_j W_j (A = dL/dG^T x_hat, u_j = sum_i dL/dG_ij cos_ij), one pass;
+* the margin touches the target entries only ([N] gathered cosines, not [N, n]);
+* the forward computes dL/dlogits in place (softmax - onehot) / N and returns only the loss;
+* ``chunk_size``: None (default) materialises the [N, n] block once (fastest here: three GEMMs);
+  an int processes the shard's classes in chunks of that many columns: an online max / sum-exp
+  in the forward, a recompute of each chunk's cosines in the backward (four GEMMs), never more
+  than [N, chunk] alive. Both send the same 3 all-reduces of [N].
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import torch.nn.functional as F
 
 from fr_dist import comm
 from fr_dist.heads.base import ShardedClassifier
-from fr_dist.heads.margins import SOFTMAX_MARGINS, softmax_margin_cos, straight_through, target_mask
+from fr_dist.heads.margins import SOFTMAX_MARGINS, softmax_margin_cos, straight_through
 from fr_dist.heads.sampling import sample_classes
 
 __all__ = [
@@ -31,6 +43,9 @@ __all__ = [
 ]
 
 SOFTMAX_GRAD_MODES = ("straight_through", "exact")
+
+# F.normalize's floor on the row norm.
+_NORM_EPS = 1e-12
 
 
 def _check(margin: str, grad: str, s: float, sample_rate: float) -> None:
@@ -116,6 +131,205 @@ def margin_softmax_loss(
     return (nll + (floored - nll).detach()).mean()
 
 
+# ----------------------------------------------------------------------------- fused head math
+
+
+def _check_chunk(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be None (materialise the block) or an int >= 1, got {chunk_size!r}"
+        )
+
+
+def _inv_row_norms(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, D] -> (1 / max(|w_j|, eps) [n], |w_j| >= eps [n]): F.normalize's denominator, folded."""
+    norm = torch.linalg.vector_norm(weight, dim=1)  # [n]
+    return norm.clamp_min(_NORM_EPS).reciprocal(), norm >= _NORM_EPS
+
+
+def _target_margin(ct: torch.Tensor, hp: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clipped target cosines [T] -> (margin value [T], d value / d cos [T] or None when it is 1).
+
+    Straight-through (and CosFace) have d value / d cos = 1; ``grad="exact"`` differentiates the
+    same :func:`softmax_margin_cos` on the [T] targets only.
+    """
+    margin, m1, m2, m3, grad = hp[1:]
+    on = torch.ones_like(ct, dtype=torch.bool)  # [T]: every entry is a target
+    if grad == "exact" and margin != "cosface":
+        with torch.enable_grad():
+            c = ct.detach().requires_grad_(True)
+            v = softmax_margin_cos(c, on, margin, m1, m2, m3, exact=True)
+            (dv,) = torch.autograd.grad(v.sum(), c)
+        return v.detach(), dv
+    return softmax_margin_cos(ct, on, margin, m1, m2, m3, exact=False), None
+
+
+def _cos_block(x_mm: torch.Tensor, w_mm: torch.Tensor, inv: torch.Tensor, math_dtype):
+    """Clipped cosines [N, c] = (x_hat W_c^T) * inv_c, and where the clip changed something.
+
+    The clip (insightface's ``clamp(-1, 1)``, zero gradient strictly outside) is only needed in
+    the rare rows whose extreme exceeds 1 by rounding: ``over`` = (rows [r], mask [r, c]) or None.
+    """
+    cos = torch.mm(x_mm, w_mm.t())  # [N, D] @ [D, c] -> [N, c]
+    if cos.dtype != math_dtype:
+        cos = cos.to(math_dtype)
+    cos.mul_(inv)  # fold the row norms: [N, c] * [c]
+    over = None
+    if cos.numel():
+        bad = ((cos.amax(dim=1) > 1.0) | (cos.amin(dim=1) < -1.0)).nonzero().squeeze(1)  # [r]
+        if bad.numel():
+            sub = cos[bad]  # [r, c]
+            over = (bad, sub.abs() > 1.0)
+            cos[bad] = sub.clamp_(-1.0, 1.0)
+    return cos, over
+
+
+def _logit_grad_(e, row_scale, r, c, target_sub, dvt, col_scale, over):
+    """In place on e = exp(logits - max) [N, c]: -> dL/dG = ((e * row_scale) - onehot/N) * dlogit/dcos * col_scale."""
+    g = e.mul_(row_scale.unsqueeze(1))  # [N, c] * [N, 1]: softmax / N (times the incoming gradient)
+    if r.numel():
+        g[r, c] -= target_sub  # - onehot / N on the target entries
+        if dvt is not None:
+            g[r, c] *= dvt  # exact margin derivative on the targets only
+    g.mul_(col_scale)  # [N, c] * [c]: s * inv_norm (d logit / d cos and the folded normalisation)
+    if over is not None:
+        g[over[0]] = g[over[0]].masked_fill_(over[1], 0.0)  # [r, c]: rows the clip touched
+    return g
+
+
+class _FusedMarginSoftmax(torch.autograd.Function):
+    """x_hat [N, D] (unit rows), raw weight [n, D], target column [N] (-1 = elsewhere) -> mean CE.
+
+    ``hp`` = (s, margin, m1, m2, m3, grad). ``chunk`` None: the block is materialised once and
+    dL/dG is computed in place in the forward; an int: online max / sum-exp over column chunks
+    and the chunk's cosines recomputed in the backward. ``mm_dtype`` (e.g. bf16 under autocast)
+    is the GEMM operand dtype; the softmax math runs in fp32 (fp64 for fp64 weights).
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat, weight, target_col, group, hp, chunk, mm_dtype):
+        with torch.autocast(x_hat.device.type, enabled=False):
+            return _FusedMarginSoftmax._forward(ctx, x_hat, weight, target_col, group, hp, chunk, mm_dtype)
+
+    @staticmethod
+    def _forward(ctx, x_hat, weight, target_col, group, hp, chunk, mm_dtype):
+        N, n, s = x_hat.shape[0], weight.shape[0], hp[0]
+        math_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dev = x_hat.device
+        x_mm = x_hat.detach().to(mm_dtype or weight.dtype)  # [N, D]
+        w_mm = weight.detach().to(mm_dtype) if mm_dtype is not None else weight.detach()  # [n, D]
+        inv, norm_ok = _inv_row_norms(weight.detach().to(math_dtype))  # [n], [n]
+        rows = (target_col >= 0).nonzero().squeeze(1)  # [T] global-batch rows whose class is here
+        cols = target_col[rows]  # [T]
+        vt = torch.zeros(rows.shape[0], dtype=math_dtype, device=dev)  # [T] margin values
+        dvt = None if hp[5] != "exact" or hp[1] == "cosface" else torch.empty_like(vt)
+        neg_inf = torch.full((N,), float("-inf"), dtype=math_dtype, device=dev)
+        if chunk is None:
+            cos, over = _cos_block(x_mm, w_mm, inv, math_dtype)  # [N, n]
+            vt, dvt = _target_margin(cos[rows, cols], hp)  # [T]
+            logits = cos * s  # [N, n]
+            logits[rows, cols] = vt * s
+            local_max = logits.amax(dim=1) if n else neg_inf  # [N]
+            gmax = comm.all_reduce(local_max, "max", group, name="softmax_max")  # [N]
+            e = logits.sub_(gmax.unsqueeze(1)).exp_()  # [N, n]
+            gsum = comm.all_reduce(e.sum(dim=1), "sum", group, name="softmax_sum")  # [N]
+            p_here = e[rows, cols] / gsum[rows]  # [T]
+        else:
+            run_max, run_sum = neg_inf.clone(), torch.zeros(N, dtype=math_dtype, device=dev)  # [N]
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                cos, _ = _cos_block(x_mm, w_mm[lo:hi], inv[lo:hi], math_dtype)  # [N, c]
+                sel = ((cols >= lo) & (cols < hi)).nonzero().squeeze(1)  # [t] targets in this chunk
+                r, c = rows[sel], cols[sel] - lo
+                v, dv = _target_margin(cos[r, c], hp)  # [t]
+                vt[sel] = v
+                if dvt is not None:
+                    dvt[sel] = dv
+                logits = cos.mul_(s)  # [N, c]
+                logits[r, c] = v * s
+                new_max = torch.maximum(run_max, logits.amax(dim=1))  # [N]
+                e_sum = logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1)  # [N]
+                run_sum = run_sum * torch.exp(run_max - new_max) + e_sum
+                run_max = new_max
+            gmax = comm.all_reduce(run_max, "max", group, name="softmax_max")  # [N]
+            local_sum = run_sum * torch.exp(run_max - gmax) if n else run_sum  # [N]
+            gsum = comm.all_reduce(local_sum, "sum", group, name="softmax_sum")  # [N]
+            p_here = torch.exp(vt * s - gmax[rows]) / gsum[rows]  # [T]
+        p_target = torch.zeros(N, dtype=math_dtype, device=dev)
+        p_target[rows] = p_here
+        p_target = comm.all_reduce(p_target, "sum", group, name="softmax_target")  # [N]
+        # insightface floors p_target at 1e-30 in the value only; the gradient stays softmax - onehot
+        loss = -p_target.clamp_min(1e-30).log().mean()
+
+        ctx.hp, ctx.chunk, ctx.N, ctx.x_dtype = hp, chunk, N, x_hat.dtype
+        col_scale = inv * s  # [n]
+        if chunk is None:
+            g = _logit_grad_(e, 1.0 / (gsum * N), rows, cols, 1.0 / N, dvt, col_scale, over)  # [N, n]
+            u = cos.mul_(g).sum(dim=0)  # [n]: sum_i dL/dG_ij cos_ij
+            radial = torch.where(norm_ok, inv * u, torch.zeros_like(u))  # [n]
+            del cos, logits
+            ctx.save_for_backward(x_mm, w_mm, weight, g, radial)
+        else:
+            ctx.save_for_backward(x_mm, w_mm, weight, inv, norm_ok, gmax, gsum, rows, cols, vt, dvt)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if ctx.chunk is None:
+                return _FusedMarginSoftmax._backward_dense(ctx, grad_out)
+            return _FusedMarginSoftmax._backward_chunked(ctx, grad_out)
+
+    @staticmethod
+    def _backward_dense(ctx, grad_out):
+        x_mm, w_mm, weight, g, radial = ctx.saved_tensors
+        if bool(grad_out != 1):
+            g, radial = g * grad_out, radial * grad_out
+        g_mm = g.to(x_mm.dtype)  # [N, n]
+        dx = torch.mm(g_mm, w_mm)  # [N, n] @ [n, D] -> [N, D]
+        dw = torch.mm(g_mm.t(), x_mm)  # [n, N] @ [N, D] -> [n, D]
+        dw = dw.to(weight.dtype) if dw.dtype != weight.dtype else dw
+        dw.addcmul_(weight.detach(), radial.to(weight.dtype).unsqueeze(1), value=-1.0)  # - radial_j w_j
+        return dx.to(ctx.x_dtype), dw, None, None, None, None, None
+
+    @staticmethod
+    def _backward_chunked(ctx, grad_out):
+        x_mm, w_mm, weight, inv, norm_ok, gmax, gsum, rows, cols, vt, dvt = ctx.saved_tensors
+        (s, N, chunk), n = (ctx.hp[0], ctx.N, ctx.chunk), weight.shape[0]
+        math_dtype = gsum.dtype
+        w_raw = weight.detach()
+        row_scale = grad_out.to(math_dtype) / (gsum * N)  # [N]
+        target_sub = grad_out.to(math_dtype) / N
+        dx = torch.zeros(x_mm.shape, dtype=math_dtype, device=x_mm.device)  # [N, D]
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)  # [n, D]
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            cos, over = _cos_block(x_mm, w_mm[lo:hi], inv[lo:hi], math_dtype)  # [N, c], recomputed
+            sel = ((cols >= lo) & (cols < hi)).nonzero().squeeze(1)  # [t]
+            r, c = rows[sel], cols[sel] - lo
+            logits = cos * s  # [N, c]
+            logits[r, c] = vt[sel] * s
+            e = logits.sub_(gmax.unsqueeze(1)).exp_()  # [N, c]
+            d_v = dvt[sel] if dvt is not None else None
+            g = _logit_grad_(e, row_scale, r, c, target_sub, d_v, inv[lo:hi] * s, over)  # [N, c]
+            u = cos.mul_(g).sum(dim=0)  # [c]
+            radial = torch.where(norm_ok[lo:hi], inv[lo:hi] * u, torch.zeros_like(u))  # [c]
+            g_mm = g.to(x_mm.dtype)
+            if g_mm.dtype == math_dtype:
+                dx.addmm_(g_mm, w_mm[lo:hi])  # += [N, c] @ [c, D]
+            else:
+                dx.add_(g_mm @ w_mm[lo:hi])
+            dw_c = dw[lo:hi]  # [c, D] contiguous row block
+            if g_mm.dtype == dw.dtype:
+                torch.mm(g_mm.t(), x_mm, out=dw_c)  # [c, N] @ [N, D]
+            else:
+                dw_c.copy_(g_mm.t() @ x_mm)
+            dw_c.addcmul_(w_raw[lo:hi], radial.to(dw.dtype).unsqueeze(1), value=-1.0)
+        return dx.to(ctx.x_dtype), dw, None, None, None, None, None
+
+
 class PartialFCHead(ShardedClassifier):
     """Model-parallel margin-softmax classifier with Partial-FC negative sampling.
 
@@ -124,6 +338,10 @@ class PartialFCHead(ShardedClassifier):
     ``int(sample_rate * num_local)`` classes in total, drawn uniformly per step from the
     head's generator (seeded by ``seed`` and the rank); unsampled rows get exactly zero gradient.
     The columns used in the last step are in ``head.weight_index`` (None when not sampling).
+
+    ``chunk_size``: None (default, the faster path on CPU) materialises the [W*B, n_local]
+    logits once; an int bounds the block to [W*B, chunk_size] (online softmax statistics,
+    cosines recomputed in the backward: one more GEMM). Results agree to float rounding.
     """
 
     def __init__(
@@ -142,8 +360,10 @@ class PartialFCHead(ShardedClassifier):
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
         check_finite: bool = True,
+        chunk_size: int | None = None,
     ):
         _check(margin, grad, s, sample_rate)
+        _check_chunk(chunk_size)
         super().__init__(
             embedding_size,
             num_classes,
@@ -156,6 +376,7 @@ class PartialFCHead(ShardedClassifier):
         self.margin, self.grad = margin, grad
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.sample_rate = float(sample_rate)
+        self.chunk_size = chunk_size
         self.generator = torch.Generator().manual_seed(int(seed) * 7919 + self.rank + 1)
         self.weight_index = None
 
@@ -163,7 +384,7 @@ class PartialFCHead(ShardedClassifier):
         return (
             super().extra_repr()
             + f", margin={self.margin}, s={self.s}, m=({self.m1}, {self.m2}, {self.m3}), "
-            f"sample_rate={self.sample_rate}, grad={self.grad}"
+            f"sample_rate={self.sample_rate}, grad={self.grad}, chunk_size={self.chunk_size}"
         )
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -174,10 +395,12 @@ class PartialFCHead(ShardedClassifier):
             index, target_col = sample_classes(target_col, self.num_local, self.sample_rate, self.generator)
             self.weight_index = index
             weight = weight[index]  # [S, D]; unsampled rows get zero gradient
-        x_hat = F.normalize(x_all, dim=1)  # [W*B, D]
-        w_hat = F.normalize(weight, dim=1)  # [S, D]
-        cos = F.linear(x_hat, w_hat)  # [W*B, S]
-        cos = (cos.float() if cos.dtype in (torch.bfloat16, torch.float16) else cos).clamp(-1, 1)
-        is_t = target_mask(target_col, cos.shape[1])  # [W*B, S]
-        logits = _margin_logits(cos, is_t, self.margin, self.s, self.m1, self.m2, self.m3, self.grad)
-        return distributed_cross_entropy(logits, target_col, self.process_group)
+        dev = x_all.device.type
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if mm_dtype is not None and mm_dtype == weight.dtype:
+            mm_dtype = None
+        x_hat = F.normalize(x_all.to(weight.dtype), dim=1)  # [W*B, D]
+        hp = (self.s, self.margin, self.m1, self.m2, self.m3, self.grad)
+        return _FusedMarginSoftmax.apply(
+            x_hat, weight, target_col, self.process_group, hp, self.chunk_size, mm_dtype
+        )

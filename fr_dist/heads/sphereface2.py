@@ -30,6 +30,8 @@ from fr_dist.heads.margins import (
     sphereface2_target_value,
     target_mask,
 )
+from fr_dist.heads.sampling import num_sampled, sample_negatives
+from fr_dist.heads.sf2_fused import FusedPlan, RowOptimizer, sphereface2_fused_partial_loss
 
 __all__ = ["SphereFace2Head", "sphereface2_loss", "sphereface2_partial_loss", "GRAD_MODES"]
 
@@ -51,6 +53,30 @@ def _check_hparams(margin: str, grad: str, lam: float) -> None:
         raise ValueError(f"unknown gradient mode {grad!r}; known: {GRAD_MODES}")
     if not 0.0 < lam < 1.0:
         raise ValueError(f"lam (lambda) must be in (0, 1), got {lam}")
+
+
+PROXY_DTYPES = ("fp32", "bf16")
+
+
+def _check_fused_options(
+    fused, chunk_size, fused_update, proxy_dtype, master_weights, sample_rate, num_negatives
+):
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = automatic), got {chunk_size}")
+    if proxy_dtype not in PROXY_DTYPES:
+        raise ValueError(f"unknown proxy_dtype {proxy_dtype!r}; known: {PROXY_DTYPES}")
+    if (proxy_dtype != "fp32" or master_weights) and not fused_update:
+        raise ValueError(
+            "proxy_dtype=bf16 / master_weights need fused_update=True (the head owns the update)"
+        )
+    if master_weights and proxy_dtype == "fp32":
+        raise ValueError("master_weights only applies to proxy_dtype=bf16")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if num_negatives < 0 or (num_negatives and sample_rate < 1.0):
+        raise ValueError("give either sample_rate < 1 or num_negatives > 0 (negatives per rank), not both")
+    if not fused and (fused_update or sample_rate < 1.0 or num_negatives):
+        raise ValueError("fused_update / negative sampling need fused=True")
 
 
 class _SphereFace2Partial(torch.autograd.Function):
@@ -200,8 +226,18 @@ class SphereFace2Head(ShardedClassifier):
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
         check_finite: bool = True,
+        fused: bool = True,
+        chunk_size: int = 0,
+        fused_update: bool = False,
+        proxy_dtype: str = "fp32",
+        master_weights: bool = False,
+        sample_rate: float = 1.0,
+        num_negatives: int = 0,
     ):
         _check_hparams(margin, grad, lam)
+        _check_fused_options(
+            fused, chunk_size, fused_update, proxy_dtype, master_weights, sample_rate, num_negatives
+        )
         super().__init__(
             embedding_size,
             num_classes,
@@ -210,6 +246,10 @@ class SphereFace2Head(ShardedClassifier):
             embedding_grad_scale=embedding_grad_scale,
             check_inputs=check_inputs,
             check_finite=check_finite,
+            # bf16 proxies are drawn straight into bf16: no transient fp32 [n, D] copy at 10^7+ rows
+            param_dtype=torch.bfloat16
+            if fused_update and proxy_dtype == "bf16" and not master_weights
+            else torch.float32,
         )
         self.lam, self.r, self.m, self.t, self.lw = (
             float(lam),
@@ -221,12 +261,49 @@ class SphereFace2Head(ShardedClassifier):
         self.margin, self.grad = margin, grad
         b0 = sphereface2_bias_init(num_classes, lam, r, m, t, margin)
         self.bias = torch.nn.Parameter(torch.tensor([b0], dtype=torch.float32))  # [1], replicated
+        self.fused = bool(fused)
+        """Chunked single-pass loss (:mod:`fr_dist.heads.sf2_fused`); False = the cosine-block path."""
+        self.chunk_size = int(chunk_size)
+        """Classes per chunk of the fused pass; 0 = from a ~1 MB budget per [W*B, chunk] temporary."""
+        self.fused_update = bool(fused_update)
+        """Update the proxies (and their momentum) inside the forward of a training step with
+        :attr:`row_optimizer`; the weight is then not a trainable parameter (requires_grad=False),
+        so no optimizer must hold it and its [n, D] gradient is never allocated."""
+        self.proxy_dtype = proxy_dtype
+        self.master_weights = bool(master_weights)
+        self.sample_rate, self.num_negatives = float(sample_rate), int(num_negatives)
+        self.row_optimizer = RowOptimizer() if fused_update else None
+        """lr / momentum / nesterov / weight_decay of the fused update (the trainer sets them,
+        and ``lr`` every step from the head's LR schedule)."""
+        if fused_update:
+            self.weight.requires_grad_(False)
+            if master_weights:
+                self.register_buffer("weight_master", self.weight.detach().clone())  # [n, D] fp32
+            if proxy_dtype == "bf16":
+                self.weight.data = self.weight.data.to(torch.bfloat16)
+            self.register_buffer("weight_momentum", torch.zeros_like(self.weight))  # [n, D], per row
+        if self.sampling:
+            self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 104_729 + self.rank)
 
     def extra_repr(self) -> str:
         return (
             super().extra_repr() + f", lam={self.lam}, r={self.r}, m={self.m}, t={self.t}, lw={self.lw}, "
-            f"margin={self.margin}, grad={self.grad}"
+            f"margin={self.margin}, grad={self.grad}, fused={self.fused}, fused_update={self.fused_update}, "
+            f"proxy_dtype={self.proxy_dtype}, sample_rate={self.sample_rate}, num_negatives={self.num_negatives}"
         )
+
+    @torch.no_grad()
+    def load_resharded(self, shards, optimizer=None, source: str = "checkpoint") -> set:
+        """As the base class; fp32 master rows missing from a checkpoint come from the loaded weight."""
+        loaded = super().load_resharded(shards, optimizer, source)
+        if hasattr(self, "weight_master") and "weight_master" not in loaded:
+            self.weight_master.copy_(self.weight.float())
+        return loaded
+
+    @property
+    def sampling(self) -> bool:
+        """Negative sampling on: only positives and a random subset of negatives are used per step."""
+        return self.sample_rate < 1.0 or self.num_negatives > 0
 
     @torch.no_grad()
     def renormalize_(self) -> None:
@@ -235,6 +312,41 @@ class SphereFace2Head(ShardedClassifier):
             self.weight.copy_(F.normalize(self.weight, dim=1))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self._forward_cosine_block(embeddings, labels)
+        x_all, labels_all = self.gather(embeddings, labels)  # [W*B, D], [W*B]
+        target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
+        x_hat = F.normalize(x_all, dim=1)  # [W*B, D]
+        bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
+        do_update = self.fused_update and self.training and torch.is_grad_enabled()
+        plan = FusedPlan(
+            **self._loss_hparams(),
+            batch_size=x_all.shape[0],
+            chunk_size=self.chunk_size,
+            optimizer=self.row_optimizer,
+            momentum=getattr(self, "weight_momentum", None),
+            master=getattr(self, "weight_master", None),
+            do_update=do_update,
+            # identical on every rank (gathered batch, replicated bias): all skip together
+            update_ok=not do_update
+            or bool(torch.isfinite(x_hat.detach()).all() and torch.isfinite(self.bias.detach()).all()),
+        )
+        if self.sampling:
+            k = self.num_negatives or num_sampled(self.num_local, self.sample_rate)
+            plan.index, target_col, plan.col_weight = sample_negatives(
+                target_col, self.num_local, k, self.generator
+            )  # [S], [W*B] in [-1, S), [S]
+        partial = sphereface2_fused_partial_loss(x_hat, self.weight, bias, target_col, plan)
+        return comm.reduce_from_shards(partial, self.process_group, name="loss")  # 1-elem all-reduce
+
+    def _loss_hparams(self) -> dict:
+        """The loss hyper-parameters, as both loss paths take them."""
+        return dict(
+            lam=self.lam, r=self.r, m=self.m, t=self.t, lw=self.lw, margin=self.margin, grad=self.grad
+        )
+
+    def _forward_cosine_block(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The unfused path: materialises cos [W*B, n] and dL/dcos (kept for comparison)."""
         self.renormalize_()
         x_all, labels_all = self.gather(embeddings, labels)  # [W*B, D], [W*B]
         target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
@@ -245,16 +357,6 @@ class SphereFace2Head(ShardedClassifier):
         cos = cos.float() if cos.dtype in (torch.bfloat16, torch.float16) else cos
         bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
         partial = sphereface2_partial_loss(
-            cos,
-            target_col,
-            bias,
-            lam=self.lam,
-            r=self.r,
-            m=self.m,
-            t=self.t,
-            lw=self.lw,
-            margin=self.margin,
-            grad=self.grad,
-            batch_size=x_all.shape[0],
+            cos, target_col, bias, **self._loss_hparams(), batch_size=x_all.shape[0]
         )
         return comm.reduce_from_shards(partial, self.process_group, name="loss")  # 1-elem all-reduce

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -136,7 +137,6 @@ class IResNet(nn.Module):
         dropout: float = 0.0,
         width: int = 64,
         stem_stride: int = 1,
-        fp16: bool = False,
         activation_checkpointing: bool = False,
         zero_init_residual: bool = False,
     ):
@@ -147,7 +147,6 @@ class IResNet(nn.Module):
         if width < 1 or stem_stride < 1:
             raise ValueError(f"iresnet width and stem_stride must be >= 1, got {width}, {stem_stride}")
         self.embedding_size, self.input_size = int(embedding_size), int(input_size)
-        self.fp16 = fp16
         self.activation_checkpointing = activation_checkpointing
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.inplanes = width
@@ -195,25 +194,34 @@ class IResNet(nn.Module):
         return stage(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = (
-            torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
-        )
-        with autocast:
-            x = self.prelu(self.bn1(self.conv1(x)))  # [N, 3, S, S] -> [N, w, S/st, S/st]
-            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-                x = self._stage(stage, x)  # spatial / 2 per stage -> [N, 8w, 7, 7]
-            x = self.bn2(x)
-            x = torch.flatten(x, 1)  # [N, 8w, 7, 7] -> [N, 8w*49]
-            x = self.dropout(x)
-        x = self.fc(x.float() if self.fp16 else x)  # [N, D]
+        x = self.prelu(self.bn1(self.conv1(x)))  # [N, 3, S, S] -> [N, w, S/st, S/st]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self._stage(stage, x)  # spatial / 2 per stage -> [N, 8w, 7, 7]
+        x = self.bn2(x)
+        x = torch.flatten(x, 1)  # [N, 8w, 7, 7] -> [N, 8w*49]
+        x = self.dropout(x)
+        x = self.fc(x)  # [N, D]
         return self.features(x)
 
 
+def forwards_to(cls: Callable) -> Callable:
+    """Decorator: a factory that passes its ``**kwargs`` on to ``cls`` reports ``cls``'s signature,
+    so the registry can name an argument the backbone does not take without building it."""
+
+    def deco(fn):
+        fn.__signature__ = inspect.signature(cls)
+        return fn
+
+    return deco
+
+
+@forwards_to(IResNet)
 def iresnet(layers: Sequence[int] = (2, 2, 2, 2), width: int = 64, stem_stride: int = 1, **kwargs) -> IResNet:
     """Configurable IResNet (``create_backbone("iresnet", layers=[...], width=..., ...)``)."""
     return IResNet(list(layers), width=width, stem_stride=stem_stride, **kwargs)
 
 
+@forwards_to(IResNet)
 def iresnet_tiny(**kwargs) -> IResNet:
     """CPU demo backbone: one block per stage, width 16, stride-2 stem (571,120 params at 128-d)."""
     kwargs.setdefault("layers", (1, 1, 1, 1))

@@ -11,13 +11,12 @@ Default (``blocks=(1, 4, 6, 2), scale=2``, 512-d): 2,059,520 parameters (6,314,8
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from fr_dist.models.iresnet import checkpoint_stage
+from fr_dist.models.iresnet import checkpoint_stage, forwards_to
 
 __all__ = ["MobileFaceNet", "mobilefacenet", "mobilefacenet_large"]
 
@@ -111,7 +110,6 @@ class MobileFaceNet(nn.Module):
         dropout: float = 0.0,
         blocks: Sequence[int] = (1, 4, 6, 2),
         scale: int = 2,
-        fp16: bool = False,
         activation_checkpointing: bool = False,
     ):
         super().__init__()
@@ -120,7 +118,7 @@ class MobileFaceNet(nn.Module):
         if len(blocks) != 4:
             raise ValueError(f"MobileFaceNet blocks must be 4 block counts, got {list(blocks)}")
         self.embedding_size, self.input_size = int(embedding_size), int(input_size)
-        self.scale, self.fp16 = scale, fp16
+        self.scale = scale
         self.activation_checkpointing = activation_checkpointing
         c1, c2 = 64 * scale, 128 * scale
         self.layers = nn.ModuleList()
@@ -154,22 +152,20 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = (
-            torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
-        )
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        with autocast:
-            for stage in self.layers:  # [N, 3, S, S] -> [N, 128*scale/... , S/16, S/16]
-                x = checkpoint_stage(stage, x) if ckpt and isinstance(stage, Residual) else stage(x)
-        x = self.conv_sep(x.float() if self.fp16 else x)  # [N, 512, S/16, S/16]
+        for stage in self.layers:  # [N, 3, S, S] -> [N, 128*scale/... , S/16, S/16]
+            x = checkpoint_stage(stage, x) if ckpt and isinstance(stage, Residual) else stage(x)
+        x = self.conv_sep(x)  # [N, 512, S/16, S/16]
         return self.features(x)  # [N, D]
 
 
+@forwards_to(MobileFaceNet)
 def mobilefacenet(**kwargs) -> MobileFaceNet:
     """insightface ``get_mbf``: blocks (1, 4, 6, 2), scale 2."""
     return MobileFaceNet(**kwargs)
 
 
+@forwards_to(MobileFaceNet)
 def mobilefacenet_large(**kwargs) -> MobileFaceNet:
     """insightface ``get_mbf_large``: blocks (2, 8, 12, 4), scale 4."""
     kwargs.setdefault("blocks", (2, 8, 12, 4))

@@ -12,14 +12,23 @@ embeddings and exposes ``.embedding_size`` and ``.input_size``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["register_backbone", "create_backbone", "list_backbones", "apply_channels_last"]
+__all__ = [
+    "register_backbone",
+    "create_backbone",
+    "build_backbone",
+    "check_backbone_args",
+    "list_backbones",
+    "apply_channels_last",
+]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 TIMM_PREFIX = "timm/"
@@ -51,7 +60,19 @@ def apply_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def _check_kwargs(name: str, fn: Callable, kwargs: dict) -> None:
+# arguments create_backbone passes to every backbone (besides its own **kwargs)
+_COMMON_ARGS = ("embedding_size", "input_size", "dropout", "activation_checkpointing")
+
+
+def _lookup(name: str) -> Callable[..., nn.Module]:
+    if name not in _REGISTRY:
+        near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown backbone {name!r}{hint}; known backbones: {list_backbones()}")
+    return _REGISTRY[name]
+
+
+def _check_kwargs(name: str, fn: Callable, kwargs) -> None:
     """Fail with the backbone's name and accepted arguments instead of a bare TypeError."""
     try:
         params = inspect.signature(fn).parameters
@@ -66,12 +87,22 @@ def _check_kwargs(name: str, fn: Callable, kwargs: dict) -> None:
         )
 
 
+def check_backbone_args(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise what :func:`create_backbone` would for ``name`` and its backbone-specific ``kwargs``
+    (unknown name, unknown argument) without building anything. ``timm/...`` names are checked
+    when built (timm is an optional extra)."""
+    if name.startswith(TIMM_PREFIX):
+        if len(name) == len(TIMM_PREFIX):
+            raise ValueError(f"backbone {name!r} needs a timm model name after {TIMM_PREFIX}")
+        return
+    _check_kwargs(name, _lookup(name), [*_COMMON_ARGS, *kwargs])
+
+
 def create_backbone(
     name: str,
     embedding_size: int = 512,
     input_size: int = 112,
     dropout: float = 0.0,
-    fp16: bool = False,
     activation_checkpointing: bool = False,
     channels_last: bool = False,
     **kwargs,
@@ -83,8 +114,6 @@ def create_backbone(
         embedding_size: output dimension D.
         input_size: square input size (112 for insightface crops).
         dropout: dropout before the embedding FC.
-        fp16: run the trunk under fp16 autocast as insightface's ``fp16=True`` does (the FC
-            and final BN stay fp32). The trainer's AMP setting is the usual way instead.
         activation_checkpointing: recompute each residual stage in the backward.
         channels_last: convert to channels-last memory format (:func:`apply_channels_last`).
         **kwargs: backbone-specific arguments (e.g. ``layers``, ``width`` for ``iresnet``).
@@ -94,11 +123,11 @@ def create_backbone(
         TypeError: an argument the backbone does not take.
         ImportError: ``timm/...`` without the ``timm`` extra installed.
     """
+    check_backbone_args(name, kwargs)
     common = dict(
         embedding_size=embedding_size,
         input_size=input_size,
         dropout=dropout,
-        fp16=fp16,
         activation_checkpointing=activation_checkpointing,
     )
     if name.startswith(TIMM_PREFIX):
@@ -106,13 +135,25 @@ def create_backbone(
 
         model = TimmBackbone(name[len(TIMM_PREFIX) :], **common, **kwargs)
     else:
-        if name not in _REGISTRY:
-            near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"unknown backbone {name!r}{hint}; known backbones: {list_backbones()}")
-        fn = _REGISTRY[name]
-        _check_kwargs(name, fn, {**common, **kwargs})
-        model = fn(**common, **kwargs)
+        model = _REGISTRY[name](**common, **kwargs)
     if channels_last:
         model = apply_channels_last(model)
     return model
+
+
+def build_backbone(model: Any, **overrides) -> nn.Module:
+    """The backbone a ``model`` config section describes: a :class:`~fr_dist.train.config.ModelConfig`
+    or its dict form (as saved in a run's ``config.yaml``; missing flags are off).
+
+    ``overrides`` replace :func:`create_backbone` arguments (e.g. ``channels_last=False``).
+    """
+    m = model if isinstance(model, Mapping) else dataclasses.asdict(model)
+    args = dict(
+        embedding_size=m["embedding_size"],
+        input_size=m["input_size"],
+        dropout=m.get("dropout", 0.0),
+        activation_checkpointing=m.get("activation_checkpointing", False),
+        channels_last=m.get("channels_last", False),
+    )
+    args.update(overrides)
+    return create_backbone(m["name"], **args, **dict(m.get("kwargs") or {}))

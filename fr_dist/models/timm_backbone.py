@@ -9,8 +9,6 @@ dropout -> Linear -> BatchNorm1d neck maps the pooled features to ``embedding_si
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
@@ -38,7 +36,6 @@ class TimmBackbone(nn.Module):
         embedding_size: int = 512,
         input_size: int = 112,
         dropout: float = 0.0,
-        fp16: bool = False,
         activation_checkpointing: bool = False,
         **timm_kwargs,
     ):
@@ -46,7 +43,6 @@ class TimmBackbone(nn.Module):
         timm = import_timm()
         self.model_name = model_name
         self.embedding_size, self.input_size = int(embedding_size), int(input_size)
-        self.fp16 = fp16
         kw = dict(pretrained=False, num_classes=0, **timm_kwargs)
         try:  # ViT / Swin / ... take the input size; convnets reject it
             self.trunk = timm.create_model(model_name, img_size=self.input_size, **kw)
@@ -69,11 +65,7 @@ class TimmBackbone(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = (
-            torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
-        )
-        with autocast:
-            f = self.trunk(x)  # [N, 3, S, S] -> [N, F]
+        f = self.trunk(x)  # [N, 3, S, S] -> [N, F]
         if f.dim() != 2:
             raise RuntimeError(
                 f"timm model {self.model_name!r} returned features of shape {tuple(f.shape)}, "

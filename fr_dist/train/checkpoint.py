@@ -4,255 +4,178 @@ Layout of one checkpoint (every file written by ``torch.save``)::
 
     <step>/backbone.pt           backbone state dict (rank 0; DDP/DeepSpeed wrappers stripped)
     <step>/backbone_optim.pt     backbone optimizer state (rank 0; replicated under DDP)
-    <step>/deepspeed/            DeepSpeed engine checkpoint instead of the two above (engine: deepspeed)
+    <step>/deepspeed/            DeepSpeed engine checkpoint (engine: deepspeed; same-world-size resume);
+                                 then backbone.pt holds the fp32 master weights and backbone_optim.pt
+                                 the gathered optimizer state by parameter name (any world size)
     <step>/head_rank<r>.pt       classifier shard of rank r: class_start, num_local, num_classes,
                                  embedding_size, weight rows, replicated params (bias), the shard's
                                  optimizer state (momentum / Adam moments per row), sampler generator
     <step>/rng_rank<r>.pt        torch / numpy / python (/ cuda) RNG states of rank r
     <step>/trainer.pt            step, epoch, schedulers, GradScaler, data sampler, world size (rank 0)
     <step>/config.yaml           the resolved config
-    <step>/meta.json             written last: the completeness marker
+    <step>/meta.json             written last: the completeness marker, with every file's size and
+                                 CRC-32 (``files``), computed by the rank that wrote the file
 
 Atomicity: everything is written into ``checkpoints/.tmp-<step>/``; after a barrier rank 0 writes
 ``meta.json`` and renames the folder to ``<step>/``. A crash at any point leaves the previous
 checkpoints untouched and at worst a ``.tmp-*`` folder, which resume ignores and the next save
-removes. ``resume=auto`` picks the newest folder that has ``meta.json``.
+removes. ``resume=auto`` picks the newest folder that has ``meta.json`` *and verifies* (sizes and
+CRC-32 of meta.json's file list; zip CRCs for checkpoints written before the list existed); a
+damaged one is skipped with a message and the previous complete one is used. Rank 0 decides and
+broadcasts, so every rank resumes from the same step.
+
+Failures: any rank's OSError while saving (ENOSPC, EACCES, ...) is agreed on by an all-reduce of a
+flag before ``finalize``; rank 0 removes the ``.tmp-<step>`` folder and every rank raises a
+:class:`CheckpointError` naming the path and the cause ("disk full"). No rank waits at a barrier
+for a rank that already failed, and the previous checkpoints are untouched.
+
+Loading never unpickles code: every ``torch.load`` is ``weights_only=True`` (:func:`safe_load`),
+with only numpy's array reconstruction allow-listed for the RNG states of older checkpoints.
 
 Re-sharding: on load each rank reads the row ranges of every saved shard that overlap its own
 ``[class_start, class_start + num_local)`` and copies those rows (weights and row-wise optimizer
 state), so a checkpoint saved on W ranks resumes on any W' (including ranks with zero classes)
-without materialising the full [K, D] matrix on one rank.
+without materialising the full [K, D] matrix on one rank (``ShardedClassifier.load_resharded``,
+row arithmetic in ``fr_dist/sharding.py``).
+
+What is saved is a ``{name: state}`` mapping handed over by the caller (torchtitan's
+``CheckpointManager(states=...)``); this module knows no trainer attribute:
+
+* a state with ``save_files(folder, rank) -> {file: object}`` / ``load_files(folder, meta)`` owns
+  its files (the backbone engine; :class:`HeadShards` -> ``head_rank<r>.pt``; :class:`RngState`);
+* any other state is ``Stateful`` (``state_dict()`` / ``load_state_dict()``) and saved by rank 0
+  into ``trainer.pt`` under its name, except ``"trainer"`` (step, epoch, ...), whose keys sit at
+  the top level of ``trainer.pt`` (the layout checkpoints have had since v1).
+
+The on-disk helpers (list / latest / verify / atomic save / finalize / prune / safe_load) live in
+``fr_dist/checkpoint_io.py``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import random
 import shutil
-import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from fr_dist import checkpoint_io as io
+from fr_dist.checkpoint_io import (  # re-exported: the checkpoint API of fr_dist.train
+    CheckpointError,
+    atomic_save,
+    checkpoint_root,
+    finalize,
+    latest_checkpoint,
+    list_checkpoints,
+    prune,
+    read_meta,
+    safe_load,
+    step_dir,
+    tmp_dir,
+    verify_checkpoint,
+)
+from fr_dist.train.logging import rank0_print
+
 __all__ = [
     "CheckpointError",
-    "list_checkpoints",
-    "latest_checkpoint",
-    "save_head_shard",
+    "HeadShards",
+    "RngState",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resume_path",
     "load_head_shard",
     "rng_state",
     "set_rng_state",
-    "tmp_dir",
+    "atomic_save",
     "finalize",
+    "latest_checkpoint",
+    "list_checkpoints",
     "prune",
     "read_meta",
+    "safe_load",
+    "step_dir",
+    "tmp_dir",
+    "verify_checkpoint",
 ]
 
 
-class CheckpointError(RuntimeError):
-    pass
+def _clean_stale_tmp(output_dir) -> None:
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                rank0_print(0, f"checkpoint: removing the partial {p} (an interrupted save)")
+                shutil.rmtree(p, ignore_errors=True)
 
 
-def _ckpt_root(output_dir) -> Path:
-    return Path(output_dir) / "checkpoints"
+def resume_path(output_dir, resume: str, rank: int = 0) -> Optional[Path]:
+    """``checkpoint.resume``: none -> None, auto -> newest complete checkpoint that verifies (or None),
+    else that folder (verified; a damaged explicit choice is an error).
 
-
-def list_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoints (with meta.json), oldest first."""
-    root = _ckpt_root(output_dir)
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "meta.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name))
-
-
-def latest_checkpoint(output_dir) -> Optional[Path]:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def resume_path(output_dir, resume: str) -> Optional[Path]:
-    """``checkpoint.resume``: none -> None, auto -> newest complete checkpoint (or None), else that folder."""
+    With a process group, rank 0 verifies and broadcasts its choice: every rank gets the same path.
+    """
     if resume == "none":
         return None
-    return latest_checkpoint(output_dir) if resume == "auto" else Path(resume)
+    from fr_dist import comm
 
-
-def read_meta(path) -> dict:
-    path = Path(path)
-    meta = path / "meta.json"
-    if not meta.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
-    return json.loads(meta.read_text())
-
-
-def tmp_dir(output_dir, step: int) -> Path:
-    return _ckpt_root(output_dir) / f".tmp-{step}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to ``path.part`` + fsync + rename."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
-def finalize(output_dir, step: int, meta: dict) -> Path:
-    """Rank 0, after every rank wrote its files into the tmp folder: mark complete and publish."""
-    tmp = tmp_dir(output_dir, step)
-    meta = dict(meta, step=step, time=time.time(), format="fr_dist-ckpt-v1")
-    (tmp / "meta.json.part").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp / "meta.json.part", tmp / "meta.json")
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    final = _ckpt_root(output_dir) / str(step)
-    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return final
-
-
-def prune(output_dir, keep: int, protect: tuple = ()) -> None:
-    """Keep the newest ``keep`` complete checkpoints (0 = keep all) and drop stale tmp folders."""
-    root = _ckpt_root(output_dir)
-    if not root.is_dir():
-        return
-    for p in root.iterdir():
-        if p.name.startswith(".tmp-"):
-            shutil.rmtree(p, ignore_errors=True)
-    if keep > 0:
-        for p in list_checkpoints(output_dir)[:-keep]:
-            if p.resolve() not in {Path(x).resolve() for x in protect}:
-                shutil.rmtree(p, ignore_errors=True)
+    chosen = -1
+    if resume != "auto":
+        reason = verify_checkpoint(resume) if rank == 0 else None
+        if reason is not None:
+            raise CheckpointError(f"checkpoint.resume={resume}: not usable: {reason}")
+        return Path(resume)
+    if rank == 0:
+        _clean_stale_tmp(output_dir)
+        for p in reversed(list_checkpoints(output_dir)):
+            reason = verify_checkpoint(p)
+            if reason is None:
+                chosen = int(p.name)
+                break
+            rank0_print(rank, f"resume=auto: skipping checkpoint {p}: {reason}; trying the previous one")
+    chosen = int(comm.broadcast(torch.tensor([chosen], dtype=torch.int64), 0, name="resume_step").item())
+    return None if chosen < 0 else step_dir(output_dir, chosen)
 
 
 # ----------------------------------------------------------------------------- head shards
 
 
-def _param_names(head) -> dict:
-    return {id(p): n for n, p in head.named_parameters()}
-
-
-def save_head_shard(head, optimizer, folder: Path, rank: int) -> None:
-    """This rank's class rows, replicated head params, and the shard's optimizer state."""
-    names = _param_names(head)
-    opt_state = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) in names and p in optimizer.state:
-                opt_state[names[id(p)]] = {
-                    k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()
-                }
-    shard = dict(
-        class_start=head.class_start,
-        num_local=head.num_local,
-        num_classes=head.num_classes,
-        embedding_size=head.embedding_size,
-        world_size=head.world_size,
-        params={n: p.detach().cpu() for n, p in head.named_parameters()},
-        optimizer_state=opt_state,
-        generator=head.generator.get_state() if hasattr(head, "generator") else None,
-    )
-    atomic_save(shard, folder / f"head_rank{rank}.pt")
-
-
-def _overlap(a0, an, b0, bn):
-    lo, hi = max(a0, b0), min(a0 + an, b0 + bn)
-    return (lo, hi) if hi > lo else None
-
-
-@torch.no_grad()
-def load_head_shard(head, optimizer, folder: Path) -> None:
-    """Fill this rank's rows (and row-wise optimizer state) from the saved shards of any world size."""
+def _head_files(folder: Path) -> list[Path]:
     files = sorted(Path(folder).glob("head_rank*.pt"), key=lambda p: int(p.stem.replace("head_rank", "")))
     if not files:
         raise CheckpointError(f"{folder}: no head_rank*.pt files")
-    names = dict(head.named_parameters())
-    my0, myn = head.class_start, head.num_local
-    opt_param = {n: p for n, p in names.items()}
-    loaded_state: dict = {}
-    covered = 0
-    for i, f in enumerate(files):
-        shard = torch.load(f, map_location="cpu", weights_only=False)
-        for field, mine in (
-            ("num_classes", head.num_classes),
-            ("embedding_size", head.embedding_size),
-        ):
-            if shard[field] != mine:
-                raise CheckpointError(
-                    f"checkpoint {folder} has {field}={shard[field]} but the config/model has {mine}; "
-                    f"refusing to load (fr_dist never re-initialises silently): fix `{field}` or start a new run"
-                )
-        if i == 0:  # replicated parameters (bias) and their optimizer state come from rank 0
-            for n, v in shard["params"].items():
-                if n != "weight":
-                    names[n].copy_(v)
-            for n, st in shard["optimizer_state"].items():
-                if n != "weight":
-                    loaded_state[n] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-        ov = _overlap(my0, myn, shard["class_start"], shard["num_local"])
-        if ov is None:
-            continue
-        lo, hi = ov
-        src = slice(lo - shard["class_start"], hi - shard["class_start"])
-        dst = slice(lo - my0, hi - my0)
-        names["weight"][dst] = shard["params"]["weight"][src].to(names["weight"].dtype)
-        covered += hi - lo
-        wst = shard["optimizer_state"].get("weight", {})
-        tgt = loaded_state.setdefault("weight", {})
-        for k, v in wst.items():
-            if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == shard["num_local"]:  # row-wise
-                buf = tgt.setdefault(k, torch.zeros((myn,) + tuple(v.shape[1:]), dtype=v.dtype))
-                buf[dst] = v[src]
-            else:
-                tgt.setdefault(k, v.clone() if torch.is_tensor(v) else v)
-    if covered != myn:
-        raise CheckpointError(f"{folder}: saved shards cover {covered} of this rank's {myn} classes")
-    own = folder / f"head_rank{head.rank}.pt"
-    # the sampling stream of each rank continues only when the world size is unchanged
-    if hasattr(head, "generator") and own.exists():
-        shard = torch.load(own, map_location="cpu", weights_only=False)
-        if shard.get("world_size") == head.world_size and shard.get("generator") is not None:
-            head.generator.set_state(shard["generator"])
-    if optimizer is not None:
-        for n, st in loaded_state.items():
-            if not st:
-                continue
-            p = opt_param[n]
-            optimizer.state[p] = {
-                k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()
-            }
+    return files
+
+
+def load_head_shard(head, optimizer, folder: Path) -> None:
+    """Fill this rank's rows (and row-wise optimizer state) from the saved shards of any world size."""
+    shards = (safe_load(f) for f in _head_files(folder))  # one shard in memory at a time
+    head.load_resharded(shards, optimizer, source=f"checkpoint {folder}")
+
+
+class HeadShards:
+    """A sharded classifier and its optimizer as a checkpoint state: ``head_rank<r>.pt`` per rank."""
+
+    def __init__(self, head, optimizer):
+        self.head, self.optimizer = head, optimizer
+
+    def save_files(self, folder: Path, rank: int) -> dict:
+        return {f"head_rank{rank}.pt": self.head.shard_state(self.optimizer)}
+
+    def load_files(self, folder: Path, meta: dict) -> None:
+        load_head_shard(self.head, self.optimizer, folder)
 
 
 # ----------------------------------------------------------------------------- RNG
 
 
 def rng_state() -> dict:
-    st = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    np_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    st = dict(torch=torch.get_rng_state(), numpy=np_state, python=random.getstate())
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -260,129 +183,178 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, *rest = st["numpy"]
+    if torch.is_tensor(keys):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, *rest))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-# ----------------------------------------------------------------------------- whole trainer
+class RngState:
+    """torch / numpy / python RNG states of this rank (``rng_rank<r>.pt``); restored only on the
+    world size they were saved on (another world size has other per-rank streams)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def save_files(self, folder: Path, rank: int) -> dict:
+        return {f"rng_rank{rank}.pt": rng_state()}
+
+    def load_files(self, folder: Path, meta: dict) -> None:
+        path = Path(folder) / f"rng_rank{self.rank}.pt"
+        if path.exists() and meta.get("world_size") == self.world_size:
+            set_rng_state(safe_load(path))
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+# ----------------------------------------------------------------------------- failures
 
 
-def save_trainer(tr) -> Path:
-    """Write a complete checkpoint of a :class:`~fr_dist.train.trainer.Trainer` (all ranks call this)."""
-    from fr_dist.train.config import save_config
+def _all_ok(ok: bool, name: str) -> bool:
+    """True when every rank reports ``ok`` (an all-reduce of a flag; no process group: ``ok``)."""
+    from fr_dist import comm
 
-    out, rank, step = tr.out, tr.env.rank, tr.step
+    flag = torch.tensor([0.0 if ok else 1.0])
+    return float(comm.all_reduce(flag, "max", name=name).item()) == 0.0
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "disk full (ENOSPC)"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not writable ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})"
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _save_failed(out, step: int, tmp: Path, rank: int, error: Optional[str]) -> CheckpointError:
+    """Rank 0 removes the partial folder; every rank gets an error naming the path and the cause."""
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    last = latest_checkpoint(out)
+    mine = f"rank {rank}: {error}" if error else "another rank failed to write its part (see its error)"
+    return CheckpointError(
+        f"checkpoint at step {step} NOT saved: {mine}; the partial folder {tmp} was removed; "
+        f"last good checkpoint: {last if last is not None else 'none'} (intact)"
+    )
+
+
+# ----------------------------------------------------------------------------- {name: state}
+
+
+def _owns_files(state) -> bool:
+    return hasattr(state, "save_files")
+
+
+def _write_rank_files(states: dict, tmp: Path, rank: int, step: int, config) -> None:
+    """This rank's part of the checkpoint (+ files_rank<r>.json: size and CRC-32 of what it wrote)."""
+    from fr_dist.train.config_load import save_config
+
+    written = []
+    for state in states.values():
+        if _owns_files(state):
+            for name, obj in state.save_files(tmp, rank).items():
+                atomic_save(obj, tmp / name)
+                written.append(name)
+    if rank == 0:
+        record = dict(step=step)
+        for name, state in states.items():
+            if _owns_files(state):
+                continue
+            if name == "trainer":  # the v1 layout: step, epoch, ... at the top level
+                record.update(state.state_dict())
+            else:
+                record[name] = state.state_dict()
+        atomic_save(record, tmp / "trainer.pt")
+        written.append("trainer.pt")
+        if config is not None:
+            save_config(config, tmp / "config.yaml")
+            written.append("config.yaml")
+    mine = [tmp / n for n in written if (tmp / n).is_file()]  # DeepSpeed's own files: described by finalize
+    desc = tmp / f"files_rank{rank}.json"
+    desc.write_text(json.dumps(io.describe_files(tmp, sorted(mine))))
+
+
+def save_checkpoint(out, step: int, states: dict, rank: int, meta: dict, keep: int = 0, config=None) -> Path:
+    """Write checkpoint ``out/checkpoints/<step>`` of ``states`` (all ranks call this); ``meta``
+    (world_size, num_classes, ...) goes into meta.json, ``config`` into config.yaml, and only the
+    newest ``keep`` checkpoints stay (0 = all).
+
+    Every failure path is agreed on by all ranks (flag all-reduces), so no rank waits forever.
+    """
     tmp = tmp_dir(out, step)
+    error = None
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    if tr.bb.ds is not None:  # every rank writes its ZeRO partition
-        tr.bb.ds.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
-    elif rank == 0:
-        atomic_save(tr.bb.bare.state_dict(), tmp / "backbone.pt")
-        atomic_save(tr.bb.optimizer.state_dict(), tmp / "backbone_optim.pt")
-    save_head_shard(tr.head, tr.opt_head, tmp, rank)
-    atomic_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = f"cannot create {tmp}: {_cause(e)}"
+    if not _all_ok(error is None, "checkpoint_mkdir"):
+        raise _save_failed(out, step, tmp, rank, error)
+    try:
+        _write_rank_files(states, tmp, rank, step, config)
+    except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as RuntimeError ("unexpected pos")
+        cause = _cause(e)
+        if not isinstance(e, OSError) and shutil.disk_usage(tmp.parent).free < (1 << 20):
+            cause = f"disk full ({type(e).__name__}: {e})"
+        error = f"writing into {tmp} failed: {cause}"
+    if not _all_ok(error is None, "checkpoint_written"):
+        raise _save_failed(out, step, tmp, rank, error)
+    final = step_dir(out, step)
     if rank == 0:
-        sampler_state = dict(tr.loader.sampler.state_dict())
-        sampler_state.update(epoch=tr.epoch, consumed_global=tr.consumed)
-        atomic_save(
-            dict(
-                step=step,
-                epoch=tr.epoch,
-                world_size=tr.env.world_size,
-                global_batch=tr.cfg.data.batch_size * tr.env.world_size,
-                sched_bb=tr.sched_bb.state_dict(),
-                sched_head=tr.sched_head.state_dict(),
-                scaler=tr.scaler.state_dict(),
-                sampler=sampler_state,
-                best_acc=tr.best_acc,
-                nonfinite=tr.nonfinite,
-            ),
-            tmp / "trainer.pt",
-        )
-        save_config(tr.cfg, tmp / "config.yaml")
-    _barrier()
-    final = _ckpt_root(out) / str(step)
-    if rank == 0:
-        final = finalize(
-            out,
-            step,
-            dict(
-                world_size=tr.env.world_size,
-                num_classes=tr.head.num_classes,
-                embedding_size=tr.head.embedding_size,
-                engine=tr.cfg.engine,
-            ),
-        )
-        prune(out, tr.cfg.checkpoint.keep)
-        print(f"checkpoint saved: {final}", flush=True)
-    _barrier()
+        try:
+            final = finalize(out, step, meta)
+            prune(out, keep)
+        except OSError as e:
+            error = f"finalizing {tmp} failed: {_cause(e)}"
+    if not _all_ok(error is None, "checkpoint_final"):
+        raise _save_failed(out, step, tmp, rank, error)
+    rank0_print(rank, f"checkpoint saved: {final}")
     return final
 
 
-def load_trainer(tr, path) -> None:
-    """Restore a Trainer from ``path`` (any world size; DeepSpeed ZeRO >= 1 needs the same world size)."""
+def _check_compatible(path: Path, meta: dict, expect: dict) -> None:
+    """Refuse by name a checkpoint of another head / class count / embedding size / engine."""
+    for field in ("num_classes", "embedding_size"):
+        if meta.get(field) != expect[field]:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {field}={meta.get(field)}, the config gives "
+                f"{expect[field]}: refusing to resume (no silent re-initialisation); set the config's "
+                f"{field} to match"
+            )
+    saved_head, head = meta.get("head"), expect["head"]
+    if saved_head is None and (path / "config.yaml").is_file():  # checkpoints before meta had it
+        import yaml
+
+        saved_head = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("head", {}).get("name")
+    if saved_head is not None and saved_head != head:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with head.name={saved_head}, the config has "
+            f"head.name={head}: refusing to resume (the classifier states differ); set "
+            f"head.name={saved_head} or start a new run (checkpoint.resume=none, another output_dir)"
+        )
+    if meta.get("engine", "ddp") != expect["engine"]:
+        raise CheckpointError(
+            f"checkpoint {path} was written by engine={meta.get('engine')}, config has engine={expect['engine']}"
+        )
+
+
+def load_checkpoint(path, states: dict, expect: dict) -> dict:
+    """Restore ``states`` (as given to :func:`save_checkpoint`, any world size) from ``path``, after
+    checking that ``expect`` (num_classes, embedding_size, head, engine) matches its meta.json.
+    States load in the mapping's order. Returns the meta."""
     path = Path(path)
     meta = read_meta(path)
-    for field, mine in (
-        ("num_classes", tr.head.num_classes),
-        ("embedding_size", tr.head.embedding_size),
-    ):
-        if meta.get(field) != mine:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with {field}={meta.get(field)}, the config gives {mine}: "
-                f"refusing to resume (no silent re-initialisation); set the config's {field} to match"
-            )
-    if meta.get("engine", "ddp") != tr.cfg.engine:
-        raise CheckpointError(
-            f"checkpoint {path} was written by engine={meta.get('engine')}, config has engine={tr.cfg.engine}"
-        )
-    if tr.bb.ds is not None:
-        tr.bb.ds.load_checkpoint(str(path / "deepspeed"), tag="engine", load_lr_scheduler_states=False)
-    else:
-        tr.bb.bare.load_state_dict(
-            torch.load(path / "backbone.pt", map_location=tr.device, weights_only=False)
-        )
-        tr.bb.optimizer.load_state_dict(
-            torch.load(path / "backbone_optim.pt", map_location=tr.device, weights_only=False)
-        )
-    load_head_shard(tr.head, tr.opt_head, path)
-    st = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    tr.step, tr.epoch, tr.best_acc, tr.nonfinite = (
-        st["step"],
-        st["epoch"],
-        st["best_acc"],
-        st["nonfinite"],
-    )
-    if tr.evaluator is not None:  # RUN/best is replaced only by a better model than before the stop
-        tr.evaluator.best = tr.best_acc
-    for sched, key in ((tr.sched_bb, "sched_bb"), (tr.sched_head, "sched_head")):
-        sched.load_state_dict(st[key])
-        # a scheduler's state does not hold its optimizer's current lr: put it back explicitly
-        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
-            group["lr"] = lr
-    tr.scaler.load_state_dict(st["scaler"])
-    gb = tr.cfg.data.batch_size * tr.env.world_size
-    if st["global_batch"] != gb:
-        warnings.warn(
-            f"global batch changed from {st['global_batch']} to {gb}: data order resumes at the same sample, "
-            "step counts in the schedule are kept as saved",
-            stacklevel=1,
-        )
-    tr.loader.sampler.load_state_dict(st["sampler"])
-    tr.consumed = st["sampler"]["consumed_global"]
-    rng = path / f"rng_rank{tr.env.rank}.pt"
-    if rng.exists() and st["world_size"] == tr.env.world_size:
-        set_rng_state(torch.load(rng, weights_only=False))
+    _check_compatible(path, meta, expect)
+    record = None
+    for name, state in states.items():
+        if _owns_files(state):
+            state.load_files(path, meta)
+            continue
+        record = safe_load(path / "trainer.pt") if record is None else record
+        state.load_state_dict(record if name == "trainer" else record[name])
+    return meta

@@ -47,7 +47,7 @@ class MetricsLogger:
         tensorboard: also write TensorBoard scalars (imported lazily; a missing tensorboard
             package degrades to JSONL only, with a warning).
         filename: the JSONL file name inside ``output_dir``. It is appended to, so a resumed
-            run continues the same file.
+            run continues the same file (after :meth:`truncate_after` drops the re-run steps).
     """
 
     def __init__(self, output_dir, rank: int, tensorboard: bool = True, filename: str = "metrics.jsonl"):
@@ -83,6 +83,38 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", float(v), int(step))
             self.tb.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps > ``step`` (a resume re-runs them); returns how many were dropped.
+
+        ``metrics.jsonl`` is rewritten atomically; TensorBoard reopens with ``purge_step=step + 1``
+        (its readers then hide the stale events of those steps).
+        """
+        if not self.enabled or self.file is None:
+            return 0
+        self.file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec_step = int(json.loads(line).get("step", -1))
+            except (ValueError, AttributeError, TypeError):  # a torn last line of a crash: drop it
+                dropped += 1
+                continue
+            if rec_step > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            tmp.replace(self.path)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if dropped and self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(str(self.path.parent / "tb"), purge_step=int(step) + 1)
+        return dropped
 
     def print(self, *args, **kwargs) -> None:
         """``print`` on rank 0 only (flushed)."""

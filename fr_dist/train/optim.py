@@ -20,7 +20,7 @@ __all__ = [
     "build_optimizer",
     "build_backbone_optimizer",
     "build_head_optimizer",
-    "group_summary",
+    "head_lr_wd",
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -117,6 +117,13 @@ def build_backbone_optimizer(module: torch.nn.Module, train_cfg) -> torch.optim.
     )
 
 
+def head_lr_wd(train_cfg) -> tuple[float, float]:
+    """(lr, weight decay) of the classifier: ``head_lr`` / ``head_weight_decay``, None = the backbone's."""
+    t = train_cfg
+    lr = t.head_lr if t.head_lr is not None else t.lr
+    return lr, t.head_weight_decay if t.head_weight_decay is not None else t.weight_decay
+
+
 def build_head_optimizer(head: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
     """The classifier shard's optimizer: ``head_lr`` / ``head_weight_decay`` (None = backbone's).
 
@@ -124,22 +131,7 @@ def build_head_optimizer(head: torch.nn.Module, train_cfg) -> torch.optim.Optimi
     holding zero classes still gets an optimizer (its [0, D] weight is a valid, empty param).
     """
     t = train_cfg
-    lr = t.head_lr if t.head_lr is not None else t.lr
-    wd = t.head_weight_decay if t.head_weight_decay is not None else t.weight_decay
+    lr, wd = head_lr_wd(t)
     return build_optimizer(
         t.optimizer, param_groups(head, lr, wd), lr=lr, weight_decay=wd, **_train_fields(t)
     )
-
-
-def group_summary(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Per group: name, number of tensors and elements, lr, weight_decay (for logs / tests)."""
-    return [
-        dict(
-            name=g.get("name", str(i)),
-            tensors=len(g["params"]),
-            numel=sum(p.numel() for p in g["params"]),
-            lr=g["lr"],
-            weight_decay=g["weight_decay"],
-        )
-        for i, g in enumerate(optimizer.param_groups)
-    ]

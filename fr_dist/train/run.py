@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from fr_dist.train.config import Config, ConfigError, validate_against_dataset
+from fr_dist.train.logging import rank0_print
 
 __all__ = ["run_training", "build_trainer", "dataset_num_classes"]
 
@@ -44,13 +45,30 @@ def build_trainer(cfg: Config, env, device, dataset_classes: Optional[int] = Non
         drop_last=cfg.data.drop_last,
         backend=cfg.data.loader,
         flip=cfg.data.flip,
+        image_size=(cfg.model.input_size, cfg.model.input_size),
     )
+    native = getattr(getattr(getattr(loader, "dataset", None), "rec", None), "image_size", None)
+    if native and tuple(native) != (cfg.model.input_size,) * 2:
+        rank0_print(
+            env.rank,
+            f"fr_dist: data: resizing the dataset's {native[0]}x{native[1]} images to "
+            f"{cfg.model.input_size}x{cfg.model.input_size} (model.input_size)",
+        )
     trainer = Trainer(cfg, env, device, loader, cfg.data.num_classes or dataset_classes)
     if cfg.eval.bins:
         from fr_dist.eval.callback import VerificationCallback
 
         trainer.evaluator = VerificationCallback(cfg.eval, device, cfg.output_dir)
     return trainer
+
+
+def _is_dist_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        w in text for w in ("Timed out waiting", "Application timeout", "Connection closed by peer", "gloo")
+    )
 
 
 def run_training(cfg: Config, exit_process: bool = True) -> int:
@@ -61,30 +79,59 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
 
     from fr_dist.runtime import init_distributed, shutdown
 
-    code = 0
+    code, stopped = 0, None
     try:
-        env, device = init_distributed(cfg.device)
-        if env.is_main:
-            print(
-                f"fr_dist: {env.world_size} rank(s) on {device}, {n_images} images, {num_classes} classes, "
-                f"head={cfg.head.name}, backbone={cfg.model.name}, engine={cfg.engine}, amp={cfg.train.amp}",
-                flush=True,
-            )
+        env, device = init_distributed(
+            cfg.device, timeout_s=cfg.dist.timeout_s, rendezvous_timeout_s=cfg.dist.rendezvous_timeout_s
+        )
+        rank0_print(
+            env.rank,
+            f"fr_dist: {env.world_size} rank(s) on {device}, {n_images} images, {num_classes} classes, "
+            f"head={cfg.head.name}, backbone={cfg.model.name}, engine={cfg.engine}, amp={cfg.train.amp}",
+        )
         trainer = build_trainer(cfg, env, device, k_data)
         results = trainer.fit()
         if env.is_main:
             if results.get("eval"):
-                from fr_dist.eval.cli import format_table
+                from fr_dist.eval.verification import format_table
 
-                print("verification on held-out pairs (10-fold, flip protocol):")
-                print(format_table(results["eval"]), flush=True)
+                rank0_print(env.rank, "verification on held-out pairs (10-fold, flip protocol):")
+                rank0_print(env.rank, format_table(results["eval"]))
             out = Path(cfg.output_dir) / "results.json"
             out.write_text(json.dumps(results, indent=1, default=float))
-            print(f"fr_dist: done, results in {out}", flush=True)
-    except Exception:
-        traceback.print_exc()
+            if results.get("preempted"):
+                print(
+                    f"fr_dist: stopped by signal {results.get('signal', '?')}, checkpoint at step "
+                    f"{results['step']} ({Path(cfg.output_dir) / 'checkpoints' / str(results['step'])}); relaunch with checkpoint.resume=auto "
+                    "to continue",
+                    flush=True,
+                )
+            else:
+                rank0_print(env.rank, f"fr_dist: done, results in {out}")
+        if results.get("preempted"):
+            ckpt = Path(cfg.output_dir) / "checkpoints" / str(results["step"])
+            stopped = dict(step=results["step"], signal=results.get("signal"), checkpoint=str(ckpt))
+    except ConfigError as e:  # e.g. device=cuda without CUDA: one line, no traceback
+        print(f"fr_dist: config error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except Exception as e:
+        from fr_dist import comm
+        from fr_dist.runtime import RendezvousError
+
+        # a start-up failure (RendezvousError: no collective ran) names the address and its own key
+        if not isinstance(e, (comm.CollectiveError, RendezvousError)) and _is_dist_failure(e):
+            # a collective outside fr_dist.comm (DDP's gradient all-reduce, DeepSpeed) failed
+            e = comm.translate_failure(e, "all_reduce", "backbone gradients (DDP/DeepSpeed)")
+        if isinstance(e, (comm.CollectiveError, RendezvousError)):  # one clear line, not a deep traceback
+            print(f"fr_dist: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         sys.stderr.flush()
         code = 1
+    if code == 0 and stopped is not None:  # graceful stop: tell fr_dist.launch (exit 0, not torchrun's 1)
+        from fr_dist.launch import write_stop_marker
+
+        write_stop_marker(env, stopped)
     if exit_process:
         shutdown(code)
     return code

@@ -35,7 +35,6 @@ __all__ = [
     "SCHEDULES",
     "lr_factor",
     "build_scheduler",
-    "steps_from_epochs",
     "optimizer_steps_per_epoch",
     "epochs_to_steps",
     "resolve_schedule",
@@ -64,18 +63,6 @@ def optimizer_steps_per_epoch(
     return max(1, micro // grad_accum)
 
 
-def steps_from_epochs(
-    epochs: float,
-    images_per_epoch: int,
-    global_batch: int,
-    grad_accum: int = 1,
-    drop_last: bool = True,
-) -> int:
-    """Optimizer steps in ``epochs`` epochs (fractional epochs round to the nearest step)."""
-    spe = optimizer_steps_per_epoch(images_per_epoch, global_batch, grad_accum, drop_last)
-    return epochs_to_steps(epochs, spe)
-
-
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """``epochs`` (may be fractional: warmup_epochs=0.5, milestones=[8.5]) -> optimizer steps."""
     if epochs < 0:
@@ -83,14 +70,21 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     return int(round(epochs * steps_per_epoch))
 
 
-def resolve_schedule(train_cfg, steps_per_epoch: int) -> dict:
+def resolve_schedule(train_cfg, steps_per_epoch: int, micro_batches_per_epoch: int | None = None) -> dict:
     """``TrainConfig`` + optimizer steps per epoch -> :func:`build_scheduler` keyword arguments.
 
     ``max_steps > 0`` wins over ``epochs``; ``warmup_steps > 0`` wins over ``warmup_epochs``;
-    milestones are converted from epochs to optimizer steps.
+    milestones are converted from epochs to optimizer steps. With ``micro_batches_per_epoch``
+    (a loader whose micro-batches flow across epoch ends, as the trainer's) the run has
+    ``max(1, epochs * micro_batches_per_epoch // grad_accum)`` steps, so every epoch is used.
     """
     t = train_cfg
-    total = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    if t.max_steps > 0:
+        total = t.max_steps
+    elif micro_batches_per_epoch is not None:
+        total = max(1, t.epochs * micro_batches_per_epoch // t.grad_accum)
+    else:
+        total = t.epochs * steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps > 0 else epochs_to_steps(t.warmup_epochs, steps_per_epoch)
     return dict(
         total_steps=int(total),

@@ -22,15 +22,18 @@ import torch
 
 from fr_dist import comm
 from fr_dist.heads import create_head
-from fr_dist.models import create_backbone
+from fr_dist.heads.sf2_fused import RowOptimizer
+from fr_dist.models import build_backbone
 from fr_dist.runtime import DistEnv
+from fr_dist.signals import StopSignals, signal_name
 from fr_dist.train import checkpoint as ckpt
-from fr_dist.train.config import Config, save_config
-from fr_dist.train.engines import BackboneEngine, ParallelDims, apply_ddp, apply_deepspeed
-from fr_dist.train.logging import MetricsLogger, Throughput, format_progress
-from fr_dist.train.optim import build_optimizer, param_groups
-from fr_dist.train.schedule import build_scheduler
-from fr_dist.train.signals import StopSignals
+from fr_dist.train.config import Config
+from fr_dist.train.config_load import config_errors, save_config
+from fr_dist.train.engines import ParallelDims, apply_ddp, apply_deepspeed
+from fr_dist.train.logging import MetricsLogger, Throughput, format_progress, rank0_print
+from fr_dist.train.optim import build_backbone_optimizer, build_head_optimizer, head_lr_wd
+from fr_dist.train.schedule import build_scheduler, optimizer_steps_per_epoch, resolve_schedule
+from fr_dist.train.state import Progress, SamplerState, ScheduleState
 
 __all__ = ["Trainer"]
 
@@ -59,15 +62,8 @@ class Trainer:
         # ---- model: an unchanged backbone, parallelism applied as steps; the head is never wrapped
         torch.manual_seed(cfg.seed)  # identical backbone init on every rank and every world size
         m = cfg.model
-        backbone = create_backbone(
-            m.name,
-            embedding_size=m.embedding_size,
-            input_size=m.input_size,
-            dropout=m.dropout,
-            activation_checkpointing=m.activation_checkpointing,
-            channels_last=m.channels_last,
-            **m.kwargs,
-        ).to(device)
+        with config_errors(f"model ({m.name!r}, model.kwargs={m.kwargs})", {}):  # e.g. bad layers
+            backbone = build_backbone(m).to(device)
         self.head = create_head(
             cfg.head.name,
             embedding_size=m.embedding_size,
@@ -81,44 +77,42 @@ class Trainer:
         _seed_all(cfg.seed + env.rank)  # per-rank random streams (dropout, ...) from here on
 
         # ---- optimisers (the classifier shard apart, with its own LR / WD), schedules in optimizer steps
-        self.steps_per_epoch = max(1, len(loader) // t.grad_accum)
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        head_lr = t.lr if t.head_lr is None else t.head_lr
-        head_wd = t.weight_decay if t.head_weight_decay is None else t.head_weight_decay
-        okw = dict(momentum=t.momentum, nesterov=t.nesterov, betas=tuple(t.betas))
-        self.opt_head = build_optimizer(
-            t.optimizer, param_groups(self.head, head_lr, head_wd), lr=head_lr, weight_decay=head_wd, **okw
-        )
-        opt_bb = build_optimizer(
-            t.optimizer,
-            param_groups(backbone, t.lr, t.weight_decay),
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            **okw,
-        )
-        if cfg.engine == "deepspeed":
+        # micro-batches flow across epoch ends, so epochs x batches // grad_accum steps use every epoch
+        global_batch = cfg.data.batch_size * env.world_size
+        spe = optimizer_steps_per_epoch(len(loader) * global_batch, global_batch, t.grad_accum)
+        plan = resolve_schedule(t, spe, micro_batches_per_epoch=len(loader))
+        self.total_steps = plan["total_steps"]
+        self.opt_head = build_head_optimizer(self.head, t)
+        if getattr(self.head, "row_optimizer", None) is not None:
+            # SphereFace2 fused update: the head updates its own rows (requires_grad=False, so not in
+            # opt_head, which keeps the bias); the LR follows the head schedule (set every step)
+            if t.optimizer != "sgd" or t.grad_accum != 1:
+                raise ValueError(
+                    "head.sphereface2.fused_update needs train.optimizer=sgd and train.grad_accum=1"
+                )
+            lr, wd = head_lr_wd(t)
+            self.head.row_optimizer = RowOptimizer(
+                lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=wd
+            )
+        opt_bb = build_backbone_optimizer(backbone, t)
+        if self.dims.engine == "deepspeed":
             self.bb = apply_deepspeed(
                 backbone, self.dims, opt_bb, cfg.deepspeed, t.clip_grad_norm, cfg.data.batch_size
             )
         else:
-            self.bb = BackboneEngine(apply_ddp(backbone, self.dims, device), opt_bb, self.dims)
-        skw = dict(
-            total_steps=self.total_steps,
-            poly_power=t.poly_power,
-            gamma=t.gamma,
-            min_lr=t.min_lr,
-            warmup_steps=t.warmup_steps or int(round(t.warmup_epochs * self.steps_per_epoch)),
-            milestones_steps=[int(round(e * self.steps_per_epoch)) for e in t.milestones],
-        )
-        self.sched_bb = build_scheduler(self.bb.optimizer, t.schedule, **skw)
-        self.sched_head = build_scheduler(self.opt_head, t.schedule, **skw)
+            self.bb = apply_ddp(backbone, self.dims, device, opt_bb)
+        self.sched_bb = build_scheduler(self.bb.optimizer, t.schedule, **plan)
+        self.sched_head = build_scheduler(self.opt_head, t.schedule, **plan)
         use_scaler = t.amp == "fp16" and device.type == "cuda" and cfg.engine == "ddp"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-        self.step, self.epoch, self.consumed, self.nonfinite = 0, 0, 0, 0
-        self.best_acc = -1.0
+        self.progress = Progress(env.world_size, global_batch)
         self.log = MetricsLogger(self.out, env.rank, tensorboard=t.tensorboard)
         self.evaluator, self.last_eval = None, None
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     # ------------------------------------------------------------------ helpers
     def _head_forward(self, emb, labels):
@@ -130,24 +124,26 @@ class Trainer:
 
     def _batches(self):
         """Endless (images, labels) stream; counts consumed samples so the sampler resumes exactly."""
-        resumed = self.consumed > 0
-        global_batch = self.cfg.data.batch_size * self.env.world_size
+        p = self.progress
+        resumed = p.consumed > 0
         while True:
             if not resumed:
-                self.loader.sampler.set_epoch(self.epoch)
-                self.consumed = 0
+                self.loader.sampler.set_epoch(p.epoch)
+                p.consumed = 0
             resumed = False
             for batch in self.loader:
-                self.consumed += global_batch
+                p.consumed += p.global_batch
                 yield batch
-            self.epoch += 1
+            p.epoch += 1
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> dict:
-        t = self.cfg.train
+        t, p = self.cfg.train, self.progress
         self.bb.train(True)
         self.head.train(True)
         loss_sum, images = 0.0, 0
+        if getattr(self.head, "row_optimizer", None) is not None:
+            self.head.row_optimizer.lr = self.opt_head.param_groups[0]["lr"]  # the head schedule's LR
         for micro in range(t.grad_accum):
             imgs, labels = next(batches)
             last = micro == t.grad_accum - 1
@@ -155,54 +151,59 @@ class Trainer:
                 with _autocast(self.device, t.amp):
                     emb = self.bb(imgs)  # [B, D]
                 loss = self._head_forward(emb, labels)
-                if self.bb.ds is not None:
-                    self.bb.ds.backward(loss)  # DeepSpeed divides by grad_accum itself
-                    self.bb.ds.step()  # applies the update only at the accumulation boundary
-                else:
-                    self.scaler.scale(loss / t.grad_accum).backward()
+                self.bb.backward(loss, self.scaler)  # the scaler scales the whole loss (fp16 on CUDA)
             loss_sum += float(loss.detach()) / t.grad_accum
             images += imgs.shape[0] * self.env.world_size
-        finite = math.isfinite(loss_sum)
-        grad_norm = float("nan")
-        if self.bb.ds is not None:
-            grad_norm = float(self.bb.ds.get_global_grad_norm() or 0.0)
-        else:
-            self.scaler.unscale_(self.bb.optimizer)
-            params = [p for p in self.bb.bare.parameters() if p.grad is not None]
-            max_norm = t.clip_grad_norm if t.clip_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-            finite = finite and math.isfinite(grad_norm)
-            if finite or self.scaler.is_enabled():
-                self.scaler.step(self.bb.optimizer)  # GradScaler skips non-finite steps itself
-            self.scaler.update()
-            self.bb.optimizer.zero_grad(set_to_none=True)
-        if finite:
-            self.opt_head.step()
+        grad_norm, grads_ok = self.bb.step(self.scaler, t.clip_grad_norm, math.isfinite(loss_sum))
+        finite = math.isfinite(loss_sum) and grads_ok
+        # the head's gradients carry the loss scale too: unscale and step them through the scaler
+        # (the fused SphereFace2 row update ran inside the head's forward, on unscaled gradients)
+        self.scaler.unscale_(self.opt_head)
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.opt_head)
+        self.scaler.update()
         self.opt_head.zero_grad(set_to_none=True)
-        if finite:
-            self.nonfinite = 0
-        else:
-            self.nonfinite += 1
+        p.nonfinite = 0 if finite else p.nonfinite + 1
+        if not finite:
             warnings.warn(
-                f"step {self.step}: non-finite loss/grad ({loss_sum}, {grad_norm}); step skipped",
-                stacklevel=1,
+                f"step {p.step}: non-finite loss/grad ({loss_sum}, {grad_norm}); step skipped", stacklevel=1
             )
-            if self.nonfinite >= t.max_nonfinite_steps:
+            if p.nonfinite >= t.max_nonfinite_steps:
                 raise FloatingPointError(
-                    f"{self.nonfinite} non-finite steps in a row (last loss {loss_sum}): aborting; "
+                    f"{p.nonfinite} non-finite steps in a row (last loss {loss_sum}): aborting; "
                     "lower train.lr, enable train.clip_grad_norm or use train.amp=bf16"
                 )
         self.sched_bb.step()
         self.sched_head.step()
-        self.step += 1
+        p.step += 1
         return dict(loss=loss_sum, grad_norm=grad_norm, images=images, skipped=not finite)
 
     # ------------------------------------------------------------------ checkpoints
+    def _states(self) -> dict:
+        """Everything a checkpoint holds, by name (train/checkpoint.py knows no Trainer attribute)."""
+        return dict(
+            backbone=self.bb,
+            head=ckpt.HeadShards(self.head, self.opt_head),
+            trainer=self.progress,
+            sched_bb=ScheduleState(self.sched_bb),
+            sched_head=ScheduleState(self.sched_head),
+            scaler=self.scaler,
+            sampler=SamplerState(self.loader.sampler, self.progress),
+            rng=ckpt.RngState(self.env.rank, self.env.world_size),
+        )
+
+    def _identity(self) -> dict:
+        h = self.head
+        return dict(num_classes=h.num_classes, embedding_size=h.embedding_size, engine=self.cfg.engine)
+
     def save_checkpoint(self) -> Path:
-        return ckpt.save_trainer(self)
+        meta = dict(world_size=self.env.world_size, **self._identity(), head=self.cfg.head.name)
+        return ckpt.save_checkpoint(
+            self.out, self.step, self._states(), self.env.rank, meta, self.cfg.checkpoint.keep, self.cfg
+        )
 
     def load_checkpoint(self, path: Path) -> None:
-        ckpt.load_trainer(self, path)
+        ckpt.load_checkpoint(path, self._states(), dict(self._identity(), head=self.cfg.head.name))
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> dict:
@@ -211,11 +212,13 @@ class Trainer:
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        path = ckpt.resume_path(self.out, cfg.checkpoint.resume)
+        path = ckpt.resume_path(self.out, cfg.checkpoint.resume, self.env.rank)
         if path is not None:
             self.load_checkpoint(path)
-            if rank0:
-                print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
+            self.log.truncate_after(self.step)  # the steps after the checkpoint are re-run: no repeats
+            rank0_print(
+                self.env.rank, f"resumed from {path} at step {self.step} (epoch {self.progress.epoch})"
+            )
         self._signals = StopSignals(cfg.checkpoint.save_on_signal)
         batches = self._batches()
         meter = Throughput()
@@ -247,6 +250,8 @@ class Trainer:
         if cfg.checkpoint.save_at_end and not (preempted or saved):
             self.save_checkpoint()
         results = dict(step=self.step, loss=last.get("loss"), images_per_s=meter.rate, preempted=preempted)
+        if preempted:  # run.py reports "stopped by signal, checkpoint at step N" and exits 0
+            results["signal"] = signal_name(self._signals.received)
         results["wall_s"] = time.time() - t_start
         if self.last_eval is not None and not preempted:
             results["eval"] = self.last_eval
@@ -263,28 +268,31 @@ class Trainer:
     def _log_step(self, out: dict, meter: Throughput) -> None:
         lr = self.sched_bb.get_last_lr()[0]
         scalars = dict(
-            loss=out["loss"], lr=lr, images_per_s=meter.rate, grad_norm=out["grad_norm"], epoch=self.epoch
+            loss=out["loss"],
+            lr=lr,
+            images_per_s=meter.rate,
+            grad_norm=out["grad_norm"],
+            epoch=self.progress.epoch,
         )
         if hasattr(self.head, "bias"):
             scalars["sf2_bias"] = float(self.head.bias.detach())
-        if self.env.is_main:
-            eta = meter.eta(self.total_steps - self.step)
-            line = format_progress(self.step, self.total_steps, self.epoch, out["loss"], lr, meter.rate, eta)
-            print(line, flush=True)
+        eta = meter.eta(self.total_steps - self.step)
+        line = format_progress(
+            self.step, self.total_steps, self.progress.epoch, out["loss"], lr, meter.rate, eta
+        )
+        rank0_print(self.env.rank, line)
         self.log.log(self.step, **scalars)
 
     def run_eval(self) -> dict:
-        res = self.evaluator(self.bb.bare)
+        res, self.progress.best_acc = self.evaluator(self.bb.bare, self.progress.best_acc)
         flat = {
             f"eval/{name}/{k}": v for name, r in res.items() for k, v in r.items() if isinstance(v, float)
         }
         self.log.log(self.step, **flat)
-        if self.env.is_main:
-            for name, r in res.items():
-                print(
-                    f"[eval step {self.step}] {name}: acc {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}",
-                    flush=True,
-                )
-        self.best_acc = self.evaluator.best  # the callback keeps RUN/best; its score is checkpointed
+        for name, r in res.items():
+            rank0_print(
+                self.env.rank,
+                f"[eval step {self.step}] {name}: acc {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}",
+            )
         self.last_eval = res
         return res

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fr_dist import checkpoint_io
 from fr_dist.heads import PartialFCHead, SphereFace2Head
 from fr_dist.sharding import assemble, class_range
 from fr_dist.testing import spawn_gloo
@@ -14,6 +15,12 @@ from fr_dist.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.dist
 K, D, B = 23, 6, 4
+
+def _save_head_shard(head, opt, folder, rank):
+    """What a checkpoint writes for the head of ``rank`` (train/checkpoint.py HeadShards)."""
+    ckpt.atomic_save(ckpt.HeadShards(head, opt).save_files(folder, rank)[f"head_rank{rank}.pt"],
+                     Path(folder) / f"head_rank{rank}.pt")
+
 
 
 def _make(kind):
@@ -42,7 +49,7 @@ def _save_fn(rank, world, folder, kind, optname):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ckpt.save_head_shard(head, opt, Path(folder), rank)
+    _save_head_shard(head, opt, Path(folder), rank)
     return dict(
         start=head.class_start,
         weight=head.weight.detach().clone(),
@@ -99,7 +106,7 @@ def test_reshard_to_zero_class_ranks(tmp_path):
     opt = _opt(head, "sgd")
     head(torch.randn(B, D), torch.randint(0, 3, (B,))).backward()
     opt.step()
-    ckpt.save_head_shard(head, opt, tmp_path, 0)
+    _save_head_shard(head, opt, tmp_path, 0)
 
     for rank in range(4):
         h = SphereFace2Head(D, 3, seed=9)
@@ -116,7 +123,7 @@ def test_reshard_to_zero_class_ranks(tmp_path):
 
 def test_refuses_mismatched_num_classes(tmp_path):
     head = SphereFace2Head(D, K)
-    ckpt.save_head_shard(head, _opt(head, "sgd"), tmp_path, 0)
+    _save_head_shard(head, _opt(head, "sgd"), tmp_path, 0)
     other = SphereFace2Head(D, K + 1)
     with pytest.raises(ckpt.CheckpointError, match="num_classes=23.*has 24"):
         ckpt.load_head_shard(other, None, tmp_path)
@@ -131,20 +138,20 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     for step in (10, 20):
         tmp = ckpt.tmp_dir(run, step)
         tmp.mkdir(parents=True)
-        ckpt.save_head_shard(head, _opt(head, "sgd"), tmp, 0)
+        _save_head_shard(head, _opt(head, "sgd"), tmp, 0)
         if step == 20:
             # the writer dies before publishing: the rename never happens
-            real = ckpt.os.replace
+            real = checkpoint_io.os.replace
 
             def dying(src, dst, real=real):
                 if str(dst).endswith("/20"):
                     raise KeyboardInterrupt("killed during save")
                 return real(src, dst)
 
-            monkeypatch.setattr(ckpt.os, "replace", dying)
+            monkeypatch.setattr(checkpoint_io.os, "replace", dying)
             with pytest.raises(KeyboardInterrupt):
                 ckpt.finalize(run, step, {})
-            monkeypatch.setattr(ckpt.os, "replace", real)
+            monkeypatch.setattr(checkpoint_io.os, "replace", real)
         else:
             ckpt.finalize(run, step, {})
     assert ckpt.latest_checkpoint(run).name == "10"

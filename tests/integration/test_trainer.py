@@ -79,7 +79,7 @@ def _overrides(data_dir, out, **extra):
 
 def _train(rank, world, overrides, stop_at=None, resume_twice=False):
     from fr_dist.runtime import DistEnv
-    from fr_dist.train.config import load_config
+    from fr_dist.train.config_load import load_config
     from fr_dist.train.run import build_trainer
 
     _register_flat()

@@ -34,15 +34,24 @@ def fixture_copy(mxnet_fixture_dir, tmp_path):
     return d / "train.rec"
 
 
-def test_image_index_lists_only_images_and_is_cached(fixture_copy, mxnet_fixture_dir, tmp_path):
+def test_image_index_lists_only_images_and_is_cached(fixture_copy, tmp_path):
+    # the shared fixture is never used here: where ../shared is writable (a user's checkout) the
+    # index would be written next to it; a read-only folder is a copy with its write bits cleared
     p = image_index_path(fixture_copy)
     assert p.parent == fixture_copy.parent  # writable folder: next to the dataset
     keys = [int(line.split("\t")[0]) for line in p.read_text().splitlines()]
     assert keys == list(range(1, 201))
     mtime = p.stat().st_mtime_ns
     assert image_index_path(fixture_copy) == p and p.stat().st_mtime_ns == mtime  # reused
-    # a read-only dataset folder (the shared fixture): the cache dir is used instead
-    q = image_index_path(mxnet_fixture_dir / "train.rec", cache_dir=tmp_path / "cache")
+    # a read-only dataset folder: the cache dir is used instead
+    ro = tmp_path / "ro"
+    shutil.copytree(fixture_copy.parent, ro, ignore=shutil.ignore_patterns("*.images-*"))
+    ro.chmod(0o555)
+    try:
+        q = image_index_path(ro / "train.rec", cache_dir=tmp_path / "cache")
+        assert not list(ro.glob("*.images-*"))  # nothing written beside the read-only dataset
+    finally:
+        ro.chmod(0o755)
     assert q.parent == tmp_path / "cache" and q.read_text() == p.read_text()
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch.nn as nn
 
+from fr_dist.data.ijb_meta import ARCFACE_5PTS as _ARCFACE_5PTS
 from fr_dist.data.image import encode_jpeg
 from fr_dist.eval.ijb import (
-    _ARCFACE_5PTS,
     IJB_FARS,
     _load_face,
     evaluate_ijb,

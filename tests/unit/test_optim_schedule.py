@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fr_dist.train.config import load_config
+from fr_dist.train.config_load import load_config
 from fr_dist.train.optim import (
     build_backbone_optimizer,
     build_head_optimizer,
     build_optimizer,
-    group_summary,
     param_groups,
 )
 from fr_dist.train.schedule import (
@@ -24,7 +23,6 @@ from fr_dist.train.schedule import (
     lr_factor,
     optimizer_steps_per_epoch,
     resolve_schedule,
-    steps_from_epochs,
 )
 
 
@@ -113,6 +111,19 @@ def test_no_decay_group_really_not_decayed():
     opt.step()
     assert torch.allclose(net.conv.weight, w * 0.9)
     assert torch.equal(net.fc.bias, b)
+
+
+def group_summary(optimizer) -> list[dict]:
+    """Per group: name, elements, lr, weight_decay (was fr_dist.train.optim.group_summary, test-only)."""
+    return [
+        dict(
+            name=g["name"],
+            numel=sum(p.numel() for p in g["params"]),
+            lr=g["lr"],
+            weight_decay=g["weight_decay"],
+        )
+        for g in optimizer.param_groups
+    ]
 
 
 def test_backbone_and_head_optimizers_from_config():
@@ -226,15 +237,15 @@ def test_bad_schedule_arguments():
 # ----------------------------------------------------------------------------- steps from epochs
 
 
-def test_steps_from_epochs():
+def test_optimizer_steps_from_epochs():
     # MS1MV3 on 8 GPUs x 128: 5,179,510 // 1024 = 5058 steps per epoch
     assert optimizer_steps_per_epoch(5179510, 1024) == 5058
-    assert steps_from_epochs(20, 5179510, 1024) == 101160
+    assert epochs_to_steps(20, optimizer_steps_per_epoch(5179510, 1024)) == 101160
     # accumulation: 2 micro-steps per optimizer step
     assert optimizer_steps_per_epoch(1000, 100, grad_accum=2) == 5
     assert optimizer_steps_per_epoch(1050, 100, grad_accum=1, drop_last=False) == 11
     assert optimizer_steps_per_epoch(1050, 100, grad_accum=2, drop_last=False) == 5
-    assert steps_from_epochs(0.5, 1000, 100) == 5
+    assert epochs_to_steps(0.5, optimizer_steps_per_epoch(1000, 100)) == 5
     assert optimizer_steps_per_epoch(10, 100) == 1  # never 0
     assert epochs_to_steps(2.5, 100) == 250
     with pytest.raises(ValueError):

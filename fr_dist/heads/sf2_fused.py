@@ -1,0 +1,332 @@
+"""Fused, chunked, single-pass SphereFace2 shard loss: the [N, n] cosine block is never materialised.
+
+SphereFace2 has no softmax normaliser, so every (sample, class) term stands alone and the loss,
+dL/dx_hat, dL/dW_used and dL/db of a shard are computed in ONE pass over chunks of its classes.
+Per chunk of ``c`` classes (N = W*B gathered rows, D = embedding size)::
+
+    w      = rows of the chunk, normalised IN PLACE (OpenSphere re-projects every forward)   [c, D]
+    cos    = x_hat @ w^T                                                    GEMM 1     [N, c]
+    z      = r * g_hat(cos) + b; softplus(z) summed; sigmoid(z) -> Q                   [N, c]
+    target entries (at most N per step) are patched on [N] vectors (full margin formula)
+    grad_W = Q^T @ (alpha x_hat)                                            GEMM 2     [c, D]
+    grad_x += Q @ w                                                         GEMM 3     [N, D]
+    optional fused optimizer update of the chunk's rows (and momentum) right here
+
+Only [N, c] temporaries exist (3 of them). Negatives are evaluated with the cheap closed form
+``z = (2r / 2^t) (c + 1)^t + r (m_neg - 1) + b`` (A/M: c clipped first, as OpenSphere's
+arccos/cos round trip does); the acos/cos margin formula runs on the <= N target entries only.
+
+The forward computes every gradient it will return (as fused linear-cross-entropy kernels do);
+the backward multiplies them by ``grad_out`` and hands them to autograd. With ``fused_update``
+the weight rows are updated inside the forward (the [n, D] gradient is never allocated); that
+update assumes ``grad_out == 1`` (the loss is back-propagated unscaled), which the trainer
+guarantees (grad_accum = 1, no fp16 GradScaler).
+
+Semantics (identical to OpenSphere / the previous head): the rows used are ``W / |W|``, written
+back in place (the stored rows are unit after every forward that does not update them);
+``weight.grad`` (non-fused) is dL/dW_used; a fused SGD step computes exactly what
+``torch.optim.SGD`` would on those unit rows with that gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fr_dist.heads.margins import (
+    _COS_EPS,
+    _THETA_MAX,
+    _THETA_MIN,
+    sphereface2_target_value,
+)
+
+__all__ = [
+    "FusedPlan",
+    "RowOptimizer",
+    "auto_chunk_size",
+    "sphereface2_target_slope",
+    "sphereface2_fused_partial_loss",
+]
+
+# Byte budgets: one [N, chunk] temporary (three exist), and the chunk's [chunk, D] rows (kept in
+# the core's L2 across GEMMs 1 and 3 and the update; 2 MB measured best on the 1 MB-L2 EPYC here).
+CHUNK_BUDGET_BYTES = 1 << 20
+ROWS_BUDGET_BYTES = 2 << 20
+
+
+def auto_chunk_size(num_rows: int, num_cols: int, dim: int, elem_bytes: int = 4) -> int:
+    """Classes per chunk from the two byte budgets (>= 16, <= num_cols)."""
+    c = min(
+        CHUNK_BUDGET_BYTES // max(1, num_rows * elem_bytes), ROWS_BUDGET_BYTES // max(1, dim * elem_bytes)
+    )
+    return max(1, min(max(16, c), num_cols))
+
+
+def sphereface2_target_slope(cos: torch.Tensor, margin: str, m: float, t: float) -> torch.Tensor:
+    """d g_hat / d cos on TARGET entries, analytically, matching autograd through
+    :func:`fr_dist.heads.margins.sphereface2_target_value` (clamps pass gradient where
+    ``lo <= x <= hi``, inclusive, as ``torch.clamp`` does)."""
+
+    def g_prime(u):
+        return t * ((u + 1.0) / 2.0) ** (t - 1.0)
+
+    if margin == "C":
+        return g_prime(cos)
+    lo, hi = -1.0 + _COS_EPS, 1.0 - _COS_EPS
+    c = cos.clamp(lo, hi)
+    theta = torch.acos(c)
+    moved = theta + m if margin == "A" else theta * m
+    th = moved.clamp(_THETA_MIN, _THETA_MAX)
+    d_moved = 1.0 if margin == "A" else m
+    slope = g_prime(torch.cos(th)) * torch.sin(th) * d_moved / torch.sqrt(1.0 - c * c)
+    keep = (cos >= lo) & (cos <= hi) & (moved >= _THETA_MIN) & (moved <= _THETA_MAX)
+    return torch.where(keep, slope, torch.zeros_like(slope))
+
+
+@dataclass
+class RowOptimizer:
+    """Per-row optimizer applied inside the fused pass (torch.optim.SGD semantics, dampening 0).
+
+    ``lr`` is set by the trainer from the head's LR schedule before every step.
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+
+    def step_(self, w: torch.Tensor, g: torch.Tensor, buf: Optional[torch.Tensor]) -> None:
+        """w [c, D] (fp32, updated in place), g [c, D] (consumed), buf [c, D] fp32 momentum or None."""
+        if self.weight_decay:
+            g.add_(w, alpha=self.weight_decay)
+        step = g
+        if self.momentum:
+            buf.mul_(self.momentum).add_(g)
+            step = g.add_(buf, alpha=self.momentum) if self.nesterov else buf
+        w.add_(step, alpha=-self.lr)
+
+
+@dataclass
+class FusedPlan:
+    """Everything the fused pass needs besides tensors that autograd must see."""
+
+    lam: float
+    r: float
+    m: float
+    t: float
+    lw: float
+    margin: str
+    grad: str
+    batch_size: int  # GLOBAL batch size B normalising the loss
+    chunk_size: int = 0  # 0 = auto
+    optimizer: Optional[RowOptimizer] = None  # fused update when set
+    momentum: Optional[torch.Tensor] = None  # [n, D] per-row momentum (storage dtype)
+    master: Optional[torch.Tensor] = None  # [n, D] fp32 master rows (bf16 storage)
+    index: Optional[torch.Tensor] = None  # [S] sorted shard rows used this step (sampling)
+    col_weight: Optional[torch.Tensor] = None  # [S] 1 / inclusion probability of each used row
+    do_update: bool = False  # run the fused update this call (training step with grad enabled)
+    update_ok: bool = True  # False: skip the fused update (non-finite inputs)
+
+
+def _softplus_out(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # log1p(exp(z)), switching to z above a threshold where the difference is below the dtype's eps
+    threshold = 40.0 if z.dtype == torch.float64 else 20.0
+    return torch._C._nn.softplus(z, 1.0, threshold, out=out)
+
+
+class _FusedSF2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_hat, weight, bias, target_col, plan: FusedPlan):
+        N, D = x_hat.shape
+        cdt = x_hat.dtype if x_hat.dtype == torch.float64 else torch.float32  # compute dtype
+        dev = x_hat.device
+        xh = x_hat.detach().to(cdt)
+        W = weight.detach()
+        rows_total = W.shape[0] if plan.index is None else plan.index.numel()
+        b = float(bias.detach().reshape(()))
+        need_x = x_hat.requires_grad
+        fused = plan.optimizer is not None and plan.do_update
+        need_w = weight.requires_grad and not fused
+        need_grads = need_x or need_w or fused
+
+        S = plan.lw / (plan.r * plan.batch_size)
+        w_pos, w_neg = plan.lam * S, (1.0 - plan.lam) * S
+        exact = plan.grad == "exact"
+        t = plan.t
+        m_neg = plan.m if plan.margin == "C" else 0.0
+        k_z = 2.0 * plan.r / 2.0**t  # z = k_z * u^t + z0, u = c + 1
+        z0 = plan.r * (m_neg - 1.0) + b
+        alpha = w_neg * plan.r * (t / 2.0 ** (t - 1.0) if exact else 1.0)  # dL/dcos = alpha * Q * col_w
+        clip = plan.margin != "C"
+        lo_u, hi_u = (-1.0 + _COS_EPS) + 1.0, (1.0 - _COS_EPS) + 1.0
+
+        csize = plan.chunk_size or auto_chunk_size(N, rows_total, D, torch.finfo(cdt).bits // 8)
+        csize = max(1, min(csize, max(rows_total, 1)))
+        buf_q = torch.empty(N * csize, dtype=cdt, device=dev)
+        buf_p = torch.empty(N * csize, dtype=cdt, device=dev)
+        buf_s = torch.empty(N * csize, dtype=cdt, device=dev)
+        convert = W.dtype != cdt or plan.index is not None
+        w_tmp = torch.empty(csize, D, dtype=cdt, device=dev) if convert and plan.master is None else None
+        g_tmp = None
+        if need_grads and (fused or plan.index is not None):
+            g_tmp = torch.empty(csize, D, dtype=cdt, device=dev)
+        mom = plan.momentum if fused and plan.optimizer.momentum else None
+        m_tmp = (
+            torch.empty(csize, D, dtype=cdt, device=dev)
+            if mom is not None and (mom.dtype != cdt or plan.index is not None)
+            else None
+        )
+
+        grad_w = None
+        if need_w:
+            alloc = torch.zeros if plan.index is not None else torch.empty
+            grad_w = alloc(W.shape, dtype=cdt, device=dev)
+        grad_x = torch.zeros(N, D, dtype=cdt, device=dev) if need_x else None
+        xh_a = xh * alpha if need_grads else None  # [N, D]: alpha folded into GEMM 2
+
+        # target entries: row i of the batch, its column in the (possibly sampled) row list
+        pos_rows = (target_col >= 0).nonzero().reshape(-1)  # [P]
+        pos_cols = target_col[pos_rows]  # [P]
+        loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
+        gb_acc = torch.zeros((), dtype=torch.float64, device=dev)
+        src = plan.master if plan.master is not None else W
+
+        for lo in range(0, rows_total, csize):
+            hi = min(lo + csize, rows_total)
+            c = hi - lo
+            ridx = None if plan.index is None else plan.index[lo:hi]  # [c] shard rows
+            # ---- the chunk's rows in the compute dtype, normalised (OpenSphere's in-place re-projection)
+            if ridx is not None:
+                wc = w_tmp[:c] if w_tmp is not None else torch.empty(c, D, dtype=cdt, device=dev)
+                if src.dtype == cdt:
+                    torch.index_select(src, 0, ridx, out=wc)
+                else:
+                    wc.copy_(src[ridx])
+            elif w_tmp is not None and plan.master is None:
+                wc = w_tmp[:c]
+                wc.copy_(W[lo:hi])
+            else:
+                wc = src[lo:hi]  # a view: normalised and updated in place
+            wc.div_(torch.linalg.vector_norm(wc, dim=1, keepdim=True).clamp_min_(1e-12))
+            # ---- GEMM 1 and the binary terms of the negatives
+            u = buf_q[: N * c].view(N, c)
+            torch.mm(xh, wc.t(), out=u)  # cos [N, c]
+            sel = (pos_cols >= lo) & (pos_cols < hi)
+            pr, pc = pos_rows[sel], pos_cols[sel] - lo  # [p] rows / chunk columns of targets
+            cos_t = u[pr, pc].clone()  # [p]
+            if clip:
+                u.add_(1.0).clamp_(lo_u, hi_u)
+            else:
+                u.add_(1.0)
+            sp = buf_p[: N * c].view(N, c)
+            torch.pow(u, t - 1.0, out=sp)  # u^(t-1); also (t/2^(t-1)) u^(t-1) = g'(c)
+            mask = ((u > lo_u) & (u < hi_u)) if (clip and exact) else None
+            torch.addcmul(torch.tensor(z0, dtype=cdt), u, sp, value=k_z, out=u)  # z [N, c]
+            spl = buf_s[: N * c].view(N, c)
+            _softplus_out(u, spl)
+            spl[pr, pc] = 0.0  # targets are not negatives
+            cw = None if plan.col_weight is None else plan.col_weight[lo:hi].to(cdt)  # [c]
+            loss_acc += w_neg * (spl.sum() if cw is None else spl.sum(0) @ cw).double()
+            u.sigmoid_()  # Q = sigmoid(z) = dL/dz / w_neg
+            u[pr, pc] = 0.0
+            gb_acc += w_neg * (u.sum() if cw is None else u.sum(0) @ cw).double()
+            # ---- targets: full margin formula on [p] vectors
+            if pr.numel():
+                is_t = torch.ones_like(cos_t, dtype=torch.bool)
+                zt = plan.r * sphereface2_target_value(cos_t, is_t, plan.margin, plan.m, t) + b
+                loss_acc += w_pos * _softplus_out(-zt, torch.empty_like(zt)).sum().double()
+                dz_t = -w_pos * torch.sigmoid(-zt)  # dL/dz at targets
+                gb_acc += dz_t.sum().double()
+            if not need_grads:
+                continue  # evaluation: converted / gathered copies are not written back
+            if exact:
+                u.mul_(sp)
+                if mask is not None:
+                    u.mul_(mask)
+            if pr.numel():
+                slope = sphereface2_target_slope(cos_t, plan.margin, plan.m, t) if exact else 1.0
+                u[pr, pc] = dz_t * plan.r * slope / alpha
+            if cw is not None:
+                u.mul_(cw)  # 1/p on sampled negatives' columns (1 on positive classes)
+            # ---- GEMMs 2 and 3
+            if grad_x is not None:
+                grad_x.addmm_(u, wc)  # [N, D] += [N, c] @ [c, D]
+            if fused:
+                g = g_tmp[:c]
+                torch.mm(u.t(), xh_a, out=g)  # dL/dW_used [c, D]
+                if mom is not None:
+                    if m_tmp is None:
+                        mb = mom[lo:hi]
+                    else:
+                        mb = m_tmp[:c]
+                        mb.copy_(mom[lo:hi] if ridx is None else mom[ridx])
+                else:
+                    mb = None
+                if plan.update_ok:
+                    plan.optimizer.step_(wc, g, mb)
+                    if m_tmp is not None:
+                        _write_rows(mom, lo, hi, ridx, mb)
+            elif grad_w is not None:
+                if ridx is None:
+                    torch.mm(u.t(), xh_a, out=grad_w[lo:hi])
+                else:
+                    torch.mm(u.t(), xh_a, out=g_tmp[:c])
+                    grad_w.index_copy_(0, ridx, g_tmp[:c])
+            # ---- write the chunk's rows back where they are not a view of the storage
+            if plan.master is not None:
+                if ridx is not None:
+                    plan.master.index_copy_(0, ridx, wc)
+                _write_rows(W, lo, hi, ridx, wc if ridx is None else wc)
+            elif wc.data_ptr() != W[lo:hi].data_ptr() or ridx is not None:
+                _write_rows(W, lo, hi, ridx, wc)
+
+        if grad_x is not None:
+            grad_x.mul_(alpha)
+        ctx.grad_x, ctx.grad_w = grad_x, grad_w
+        ctx.x_dtype, ctx.w_dtype, ctx.b_dtype = x_hat.dtype, weight.dtype, bias.dtype
+        ctx.save_for_backward(gb_acc)
+        return loss_acc.to(x_hat.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gb,) = ctx.saved_tensors
+        go = grad_out.detach()
+        one = go.device.type == "cpu" and bool(go == 1)
+        gx, gw = ctx.grad_x, ctx.grad_w
+        ctx.grad_x = ctx.grad_w = None
+        if gx is not None:
+            gx = (gx if one else gx * go.to(gx.dtype)).to(ctx.x_dtype)
+        if gw is not None:
+            gw = (gw if one else gw * go.to(gw.dtype)).to(ctx.w_dtype)
+        g_b = (gb * go.to(gb.dtype)).reshape(1).to(ctx.b_dtype)
+        return gx, gw, g_b, None, None
+
+
+def _write_rows(dst: torch.Tensor, lo: int, hi: int, ridx: Optional[torch.Tensor], src: torch.Tensor) -> None:
+    """dst[lo:hi] = src (or dst[ridx] = src), converting to dst's storage dtype."""
+    if ridx is None:
+        dst[lo:hi].copy_(src)
+    else:
+        dst.index_copy_(0, ridx, src.to(dst.dtype))
+
+
+def sphereface2_fused_partial_loss(
+    x_hat: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target_col: torch.Tensor,
+    plan: FusedPlan,
+) -> torch.Tensor:
+    """This shard's share of the SphereFace2 loss, fused over class chunks.
+
+    x_hat [N, D] unit embeddings (differentiable), weight [n, D] the shard (rows re-normalised /
+    updated in place), bias [1], target_col [N] in [-1, n) (or [-1, S) into ``plan.index``).
+    """
+    with torch.autocast(x_hat.device.type, enabled=False):
+        return _FusedSF2.apply(x_hat, weight, bias, target_col, plan)

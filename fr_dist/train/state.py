@@ -1,0 +1,84 @@
+"""The trainer's own checkpointed state, as ``Stateful`` objects (``state_dict`` / ``load_state_dict``).
+
+progress = Progress(world_size, global_batch)     # step, epoch, consumed, best_acc, nonfinite
+states = {"trainer": progress, "sampler": SamplerState(loader.sampler, progress),
+          "sched_bb": ScheduleState(sched), ...}  # handed to train/checkpoint.py
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+__all__ = ["Progress", "SamplerState", "ScheduleState"]
+
+
+@dataclass
+class Progress:
+    """Where training stands; the one owner of the best verification accuracy so far."""
+
+    world_size: int
+    global_batch: int
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0
+    """Samples of the current epoch already consumed (global), so the sampler resumes exactly."""
+    best_acc: float = -1.0
+    """Best mean verification accuracy; RUN/best is replaced only by a better model."""
+    nonfinite: int = 0
+    """Non-finite steps in a row (skipped)."""
+
+    def state_dict(self) -> dict:
+        return dict(
+            step=self.step,
+            epoch=self.epoch,
+            world_size=self.world_size,
+            global_batch=self.global_batch,
+            best_acc=self.best_acc,
+            nonfinite=self.nonfinite,
+        )
+
+    def load_state_dict(self, st: dict) -> None:
+        self.step, self.epoch, self.best_acc, self.nonfinite = (
+            st["step"],
+            st["epoch"],
+            st["best_acc"],
+            st["nonfinite"],
+        )
+        if st["global_batch"] != self.global_batch:
+            warnings.warn(
+                f"global batch changed from {st['global_batch']} to {self.global_batch}: data order resumes "
+                "at the same sample, step counts in the schedule are kept as saved",
+                stacklevel=1,
+            )
+
+
+class SamplerState:
+    """The data sampler's position, with the epoch and the samples consumed in it."""
+
+    def __init__(self, sampler, progress: Progress):
+        self.sampler, self.progress = sampler, progress
+
+    def state_dict(self) -> dict:
+        st = dict(self.sampler.state_dict())
+        st.update(epoch=self.progress.epoch, consumed_global=self.progress.consumed)
+        return st
+
+    def load_state_dict(self, st: dict) -> None:
+        self.sampler.load_state_dict(st)
+        self.progress.consumed = st["consumed_global"]
+
+
+class ScheduleState:
+    """An LR scheduler; on load its optimizer's current LR is put back (not in the scheduler's state)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, st: dict) -> None:
+        self.scheduler.load_state_dict(st)
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr

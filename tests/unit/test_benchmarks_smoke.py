@@ -1,0 +1,170 @@
+"""Seconds-long smokes of the benchmark scripts (CI runs them; figures are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- helper "e2e":
+# benchmarks/train_throughput.py and benchmarks/gpu_check.sh
+def _e2e_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.mark.dist
+def test_train_throughput_smoke(tmp_path):
+    out = tmp_path / "tt.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke"]
+    cmd += ["--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=_e2e_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["world_size"] == 2
+    got = {(r["head"], r["source"]): r for r in run["results"]}
+    try:
+        import nvidia.dali  # noqa: F401
+
+        sources = ("synthetic", "torch", "dali")
+    except ImportError:
+        sources = ("synthetic", "torch")
+    for head in ("sphereface2", "partial_fc"):
+        for source in sources:
+            r = got[(head, source)]
+            assert r["free"]["images_per_s_global"] > 0
+            assert r["free"]["images_per_s_global"] == pytest.approx(2 * r["free"]["images_per_s_per_rank"])
+            shares = r["timed"]["share"]
+            assert set(shares) == {"data", "backbone", "head", "comm", "sync"}
+            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+            assert shares["comm"] > 0  # 2 ranks: the head's collectives and the gradient all-reduce
+            # every collective the comm counters saw went through the timer
+            assert r["comm_calls_timed"] == r["comm_calls_counted"] > 0
+    if _has_matplotlib():
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_train_throughput_phase_breakdown():
+    """Compute = slowest rank, collectives = the last-arriving rank's time in them, sync = the rest."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("_e2e_tt", ROOT / "benchmarks" / "train_throughput.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    n = len(tt.SUBPHASES)
+    t = torch.zeros(2, 1, n, 3, dtype=torch.float64)  # [W, steps, sub-phases, (work, wall, comm)]
+    head = tt.SUBPHASES.index("head")
+    # head phase: rank 0 computes 3 s and is in collectives 1 s; rank 1 computes 1 s and waits 3 s in them
+    t[0, 0, head] = torch.tensor([4.0, 4.5, 1.0], dtype=torch.float64)
+    t[1, 0, head] = torch.tensor([4.0, 4.5, 3.0], dtype=torch.float64)
+    t[:, 0, 0] = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)  # data
+    phases, imbalance = tt.phase_breakdown(t)
+    assert phases["head"] == pytest.approx(3.0)
+    assert phases["comm"] == pytest.approx(1.0)
+    assert phases["data"] == pytest.approx(0.5)
+    assert phases["sync"] == pytest.approx(0.5)  # 4.5 s wall - 3 s compute - 1 s collective
+    assert sum(phases.values()) == pytest.approx(5.0)  # the walls of the two phases
+    assert imbalance == pytest.approx(0.0)  # equal work on both ranks
+
+
+def test_gpu_check_bash_syntax():
+    if shutil.which("bash") is None:
+        pytest.skip("bash not found")
+    p = subprocess.run(
+        ["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("bash / coreutils timeout not found")
+    out = tmp_path / "gpu_check"
+    env = _e2e_env()
+    env["PYTHON"] = sys.executable
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert "gpu_check summary" in p.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    for step in ("env", "heads_fp32", "train_bf16", "dali", "e2e", "capacity"):
+        assert status[step] == "ok", (step, status)
+    # the GPU-only commands are printed, not run
+    assert status["train_fp16_gpu"].startswith("shown") and status["e2e_gpu"].startswith("shown")
+    assert "--device cuda" in p.stdout and "train.amp=fp16" in p.stdout
+
+
+# ----------------------------------------------------------------------------- helper "pfc":
+# benchmarks/classifier.py (the Makefile's bench-smoke command plus a chunked Partial FC)
+@pytest.mark.dist
+def test_classifier_benchmark_smoke(tmp_path):
+    out = tmp_path / "classifier.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "classifier.py"), "--world-sizes", "2"]
+    cmd += ["--num-classes", "1000", "--steps", "3", "--dim", "128", "--batch", "16"]
+    cmd += ["--pfc-chunks", "none", "300", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(r["head"], r["chunk"]) for r in results} >= {
+        ("sphereface2", None),
+        ("partial_fc", None),
+        ("partial_fc", 300),
+    }
+    for r in results:
+        assert r["step_time_s"] > 0 and r["gemm3_time_s"] > 0
+        assert r["ratio_to_gemm3"] == pytest.approx(r["step_time_s"] / r["gemm3_time_s"])
+        assert r["peak_step_bytes"] > 0 and r["peak_ratio_to_pfc_materialised"] > 0
+        assert r["comm_per_step"]["all_gather"]["calls"] >= 1
+        if r["head"] == "partial_fc":
+            assert r["comm_per_step"]["all_reduce"]["calls"] == 3  # max, sum, target
+    if _has_matplotlib():
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.dist
+def test_largest_run_smoke(tmp_path):
+    """benchmarks/largest_run.py: 2 gloo ranks train a bf16 fused-update SphereFace2 shard; loss falls."""
+    out = tmp_path / "largest_run.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "largest_run.py"),
+            "--smoke",
+            "--port",
+            "29657",
+            "--out",
+            str(out),
+        ],
+        env=_e2e_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert len(res["ranks"]) == 2
+    assert res["loss_last"] < res["loss_first"]
+    assert all(r["peak_rss_bytes"] > 0 for r in res["ranks"])
+    assert res["planner"]["memory_per_rank"]["total"] > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_heads_sharded import B_LOCAL, D, make_batch  # the same batches as the dense tests
 
 from fr_dist import comm
 from fr_dist.heads import PartialFCHead, margin_softmax_loss
@@ -17,7 +18,6 @@ from fr_dist.testing import spawn_gloo
 
 pytestmark = pytest.mark.dist
 
-B_LOCAL, D = 5, 8
 CASES = [
     dict(margin="arcface", grad="straight_through", m2=0.5),
     dict(margin="arcface", grad="exact", m2=0.5),
@@ -25,17 +25,6 @@ CASES = [
     dict(margin="combined", grad="exact", m1=1.1, m2=0.3, m3=0.1),
 ]
 CHUNKS = [None, 1, 4, 1000]  # dense, 1, a non-divisor of n_local (37 / W), larger than n_local
-
-
-def make_batch(world, K, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(world * B_LOCAL, D, generator=g, dtype=torch.float64)  # [W*B, D]
-    y = torch.randint(0, K, (world * B_LOCAL,), generator=g)
-    y[0], y[-1] = 0, K - 1
-    W = torch.randn(K, D, generator=g, dtype=torch.float64) * (
-        0.5 + torch.rand(K, 1, generator=g, dtype=torch.float64)
-    )
-    return x, y, W
 
 
 def _rank_fn(rank, world, Ks):

@@ -119,6 +119,15 @@ def test_sbatch_preempt_requeue_resume_equals_uninterrupted(cluster, launch_data
 
     _wait(requeued, 60, "the job to be requeued", dump)
     if cluster.job(job).get("JobState") == "PENDING":
+        # Starting it in the same second as the requeue races slurmd's credential revocation
+        # (seconds resolution): "Killing non-startable batch JobId=1: Job credential revoked".
+        # Wait for the old allocation to be released on both nodes, then a little longer.
+        def nodes_idle():
+            states = cluster.cmd(["sinfo", "-h", "-o", "%t"], check=False).stdout.split()
+            return bool(states) and all(s.startswith("idle") for s in states)
+
+        _wait(nodes_idle, 60, "the nodes to be idle after the requeue", dump)
+        time.sleep(3)
         cluster.cmd(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
     _wait(lambda: cluster.job(job).get("JobState") == "COMPLETED", 400, "the requeued job to complete", dump)
 

@@ -99,18 +99,16 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
                 rank0_print(env.rank, format_table(results["eval"]))
             out = Path(cfg.output_dir) / "results.json"
             out.write_text(json.dumps(results, indent=1, default=float))
-            if results.get("preempted"):
-                print(
-                    f"fr_dist: stopped by signal {results.get('signal', '?')}, checkpoint at step "
-                    f"{results['step']} ({Path(cfg.output_dir) / 'checkpoints' / str(results['step'])}); relaunch with checkpoint.resume=auto "
-                    "to continue",
-                    flush=True,
-                )
-            else:
-                rank0_print(env.rank, f"fr_dist: done, results in {out}")
         if results.get("preempted"):
             ckpt = Path(cfg.output_dir) / "checkpoints" / str(results["step"])
             stopped = dict(step=results["step"], signal=results.get("signal"), checkpoint=str(ckpt))
+            rank0_print(
+                env.rank,
+                f"fr_dist: stopped by signal {stopped['signal'] or '?'}, checkpoint at step {stopped['step']} "
+                f"({ckpt}); relaunch with checkpoint.resume=auto to continue",
+            )
+        else:
+            rank0_print(env.rank, f"fr_dist: done, results in {Path(cfg.output_dir) / 'results.json'}")
     except ConfigError as e:  # e.g. device=cuda without CUDA: one line, no traceback
         print(f"fr_dist: config error: {e}", file=sys.stderr, flush=True)
         code = 2

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_heads_sharded import B_LOCAL, D, make_batch  # the same batches as the dense tests
+from test_heads_sharded import B_LOCAL, D, dense, make_batch  # the dense tests' batches and reference
 
 from fr_dist import comm
-from fr_dist.heads import PartialFCHead, margin_softmax_loss
+from fr_dist.heads import PartialFCHead
 from fr_dist.testing import spawn_gloo
 
 pytestmark = pytest.mark.dist
@@ -48,15 +48,6 @@ def _rank_fn(rank, world, Ks):
     return out
 
 
-def dense(case, K, world):
-    x_all, y_all, W = make_batch(world, K, seed=K)
-    x = x_all.clone().requires_grad_(True)
-    Wr = W.clone().requires_grad_(True)
-    loss = margin_softmax_loss(x, Wr, y_all, s=30.0, **case)
-    loss.backward()
-    return loss.detach(), x.grad, Wr.grad
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_chunked_equals_dense_reference(world):
     Ks = [37, 3] if world == 4 else [37]  # K=3 on 4 ranks: rank 3 owns zero classes
@@ -68,7 +59,7 @@ def test_chunked_equals_dense_reference(world):
     for i in range(len(results[0])):
         per_rank = [results[r][i] for r in range(world)]
         r0 = per_rank[0]
-        ref_loss, ref_dx, ref_dW = dense(r0["case"], r0["K"], world)
+        ref_loss, ref_dx, ref_dW, _ = dense("pfc", r0["case"], r0["K"], world)
         tag = f"{r0['case']} chunk={r0['chunk']} K={r0['K']} W={world}"
         for res in per_rank:
             torch.testing.assert_close(res["loss"], ref_loss, rtol=1e-10, atol=1e-12, msg=tag)

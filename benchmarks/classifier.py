@@ -6,8 +6,9 @@ class-sharded head alone on synthetic class-clustered embeddings and reports, pe
 * ``step_time_s``   median of forward + backward + SGD(momentum) update of the shard;
 * ``gemm3_time_s``  median, measured in the same process interleaved with the steps, of the three
                     classifier GEMMs of the same shapes (logits [N, D] @ [D, n], d-embeddings
-                    [N, n] @ [n, D], d-weights [n, N] @ [N, D], fresh outputs as autograd makes
-                    them; N = W*B, n = the shard's (sampled) classes) and ``ratio_to_gemm3``;
+                    [N, n] @ [n, D], d-weights [n, N] @ [N, D], written into arrays allocated once
+                    so that no page fault is timed; N = W*B, n = the shard's (sampled) classes) and
+                    ``ratio_to_gemm3``;
 * ``peak_step_bytes`` the peak of torch's own CPU/CUDA allocations during one step ABOVE what was
                     allocated before it (weights, gradients, optimizer state): on CPU from
                     torch.profiler's raw memory events (every tensor allocation and free, exact
@@ -161,16 +162,22 @@ def run_config(
     n_used = (
         head.num_local if sample_rate >= 1 or head_name != "partial_fc" else int(sample_rate * head.num_local)
     )
+    n3 = max(n_used, 1)
     g3 = dict(
         x=torch.randn(N, dim, device=dev),  # [N, D]
-        w=torch.randn(max(n_used, 1), dim, device=dev),  # [n, D]
-        g=torch.randn(N, max(n_used, 1), device=dev),  # [N, n]
+        w=torch.randn(n3, dim, device=dev),  # [n, D]
+        g=torch.randn(N, n3, device=dev),  # [N, n]
+        # outputs written in place: the bound is the GEMMs, not the first touch of fresh pages (on CPU
+        # every step would otherwise map the [n, D] output afresh: page faults worth ~1/4 of the GEMMs)
+        logits=torch.empty(N, n3, device=dev),  # [N, n]
+        dx=torch.empty(N, dim, device=dev),  # [N, D]
+        dw=torch.empty(n3, dim, device=dev),  # [n, D]
     )
 
     def gemm3():
-        _ = g3["x"] @ g3["w"].t()  # logits [N, n]
-        _ = g3["g"] @ g3["w"]  # d embeddings [N, D]
-        _ = g3["g"].t() @ g3["x"]  # d weights [n, D]
+        torch.mm(g3["x"], g3["w"].t(), out=g3["logits"])  # logits [N, n]
+        torch.mm(g3["g"], g3["w"], out=g3["dx"])  # d embeddings [N, D]
+        torch.mm(g3["g"].t(), g3["x"], out=g3["dw"])  # d weights [n, D]
 
     times, gtimes, stats_per_step = [], [], None
     for i in range(warmup + steps):

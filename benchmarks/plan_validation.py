@@ -6,9 +6,15 @@
 Record (insightface arcface_torch speed benchmark): 8 x V100-SXM2-32GB, iresnet50, 128 images per GPU,
 fp16 autocast, fp32 proxies + SGD momentum, dense [n_local, D] proxy gradient. GPU memory per GPU (MB as
 gpustat prints, i.e. MiB): Partial FC 0.1 at 1.4M / 5.5M / 8M / 16M / 29M identities (29M the most that
-fit) and plain model parallel (rate 1.0) at 1.4M and 5.5M. Throughput (informational, not asserted):
-insightface docs/speed_benchmark.md, 3M identities, r50, global batch 1024: model parallel 2,270 img/s,
-Partial FC 0.1 5,300 img/s.
+fit) and plain model parallel (rate 1.0) at 1.4M and 5.5M.
+
+Throughput (same setting; arcface_torch README "Training speed of different parallel methods", V100 x 8):
+model parallel 4,824 / 3,043 / 1,389 img/s at 125K / 1.4M / 5.5M identities, Partial FC 0.1 5,004 / 4,738 /
+3,975 / 3,565 / 2,679 / 1,855 at 125K / 1.4M / 5.5M / 8M / 16M / 29M; docs/speed_benchmark.md at 3M:
+2,271 and 5,300. That Partial FC ran outside the backbone's autocast (iresnet's forward autocasts itself),
+so its GEMMs were fp32: the step model is evaluated with ``head_compute="fp32"``. One figure is fitted:
+the V100 profile's ``conv_efficiency`` (0.19) on the Partial FC 125K point, where the head is < 3% of the
+step; every other point tests the head and communication model.
 """
 
 from __future__ import annotations
@@ -33,7 +39,20 @@ RECORD_MEMORY_MB = [  # (label, sample rate, identities, published MB per GPU)
     ("model parallel", 1.0, 5_500_000, 32188),
 ]
 RECORD_MAX_IDENTITIES = 29_000_000
-RECORD_SPEED = [("model parallel", 1.0, 3_000_000, 2270.0), ("Partial FC 0.1", 0.1, 3_000_000, 5300.0)]
+RECORD_SPEED = [  # (label, sample rate, identities, published img/s, source)
+    ("model parallel", 1.0, 125_000, 4824.0, "README"),
+    ("model parallel", 1.0, 1_400_000, 3043.0, "README"),
+    ("model parallel", 1.0, 5_500_000, 1389.0, "README"),
+    ("Partial FC 0.1", 0.1, 125_000, 5004.0, "README (fits conv_efficiency)"),
+    ("Partial FC 0.1", 0.1, 1_400_000, 4738.0, "README"),
+    ("Partial FC 0.1", 0.1, 5_500_000, 3975.0, "README"),
+    ("Partial FC 0.1", 0.1, 8_000_000, 3565.0, "README"),
+    ("Partial FC 0.1", 0.1, 16_000_000, 2679.0, "README"),
+    ("Partial FC 0.1", 0.1, 29_000_000, 1855.0, "README"),
+    ("model parallel", 1.0, 3_000_000, 2271.0, "docs/speed_benchmark.md"),
+    ("Partial FC 0.1", 0.1, 3_000_000, 5300.0, "docs/speed_benchmark.md"),
+]
+SPEED_TOLERANCE = 0.25
 MEMORY_TOLERANCE = 0.20
 MAX_K_TOLERANCE = 0.25
 
@@ -83,16 +102,19 @@ def validation(pfc_impl: str = "v2") -> dict:
         )
     kmax = max_identities(record_config(RECORD_MAX_IDENTITIES, 0.1, pfc_impl), hw)
     speed = []
-    for label, rate, k, ips in RECORD_SPEED:
-        st = step_time(record_config(k, rate, pfc_impl), hw)
+    for label, rate, k, ips, source in RECORD_SPEED:
+        st = step_time(dataclasses.replace(record_config(k, rate, pfc_impl), head_compute="fp32"), hw)
         pred = 8 * 128 / st["total"]
         speed.append(
             dict(
                 method=label,
                 identities=k,
+                source=source,
                 published_img_s=ips,
                 predicted_img_s=round(pred),
                 error=pred / ips - 1,
+                within=abs(pred / ips - 1) <= SPEED_TOLERANCE,
+                step_time_s=st,
             )
         )
     return dict(
@@ -186,16 +208,26 @@ def _validation_md(v: dict, alt: dict) -> str:
         f"Largest K that fits (Partial FC 0.1): published {mk['published'] / 1e6:g}M, predicted "
         f"{mk['predicted'] / 1e6:.2f}M ({mk['error']:+.1%}). **{'PASS' if v['passed'] else 'FAIL'}**.",
         "",
-        "Throughput, informational only (docs/speed_benchmark.md, 3M identities; the step model sums its terms "
-        "with no overlap):",
+        "Throughput (arcface_torch README table and docs/speed_benchmark.md; the record's Partial FC GEMMs ran "
+        "in fp32 outside the backbone's autocast, so `head_compute=fp32`; the step model sums its terms with no "
+        "overlap). One fitted figure: the V100 `conv_efficiency` 0.19, on the Partial FC 125K point; not asserted "
+        f"by the tests except as a regression of this table. Tolerance shown: {SPEED_TOLERANCE:.0%}.",
         "",
-        "| method | published img/s | predicted img/s | error |",
-        "|---|---:|---:|---:|",
+        "| method | identities | source | published img/s | predicted img/s | error | head + comm ms | backbone ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in v["speed_informational"]:
+        st = s["step_time_s"]
+        bb = st["backbone_compute"]
         out.append(
-            f"| {s['method']} | {s['published_img_s']:,.0f} | {s['predicted_img_s']:,} | {s['error']:+.1%} |"
+            f"| {s['method']} | {s['identities'] / 1e6:g}M | {s['source']} | {s['published_img_s']:,.0f} | "
+            f"{s['predicted_img_s']:,} | {s['error']:+.1%} | {(st['total'] - bb) * 1e3:.0f} | {bb * 1e3:.0f} |"
         )
+    within = sum(s["within"] for s in v["speed_informational"])
+    out.append("")
+    out.append(
+        f"Within {SPEED_TOLERANCE:.0%}: {within} of {len(v['speed_informational'])} points (the fitted one included)."
+    )
     out += [
         "",
         "Breakdown at the record point (Partial FC 0.1, 29M), GiB per GPU:",

@@ -4,11 +4,14 @@
     python benchmarks/plan_vs_measured.py --smoke --out-dir /tmp/pvm    # CI: 2 tiny points, seconds
 
 For each (head, K, B, chunk, W) point it runs ``benchmarks/classifier.py``'s ``run_config`` on W spawned
-gloo ranks (the head alone, SGD momentum, on CPU) and compares rank 0's median step time and its torch
-allocations (static tensors + the measured peak of one step above its start, ``peak_step_bytes``) with
-the planner on the ``cpu`` profile measured at the start of the same run
-(``fr_dist.plan.measure_cpu_profile``: GEMM rate, elementwise rate, gloo bandwidth and latency).
-Targets (issue 12): memory within 10%, step time within 25%.
+gloo ranks (the head alone, SGD momentum, on CPU) and compares rank 0's peak RSS and median step time with
+the planner on the ``cpu`` profile. The profile's rates are measured in the same processes: the GEMM rate
+from the three reference GEMMs classifier.py interleaves with the steps, the host rates of
+``fr_dist.plan.measure_rates`` (stream bandwidth, simple / cached / transcendental elementwise ops, fresh
+page allocation, op overhead) in every rank at once right after the steps; gloo bandwidth and latency from
+``fr_dist.plan.measure_cpu_profile`` at the start of the run (which also gives the 'start profile' column:
+every rate measured once, minutes before the point). Targets (issue 12): memory within 10%, step time
+within 25%.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ POINTS = [  # head, K, B per rank, chunk (SphereFace2), W, sample rate, SphereFa
     ("sphereface2", 200_000, 64, 1024, 2, 1.0, {}),
     ("sphereface2", 300_000, 32, 2048, 2, 1.0, {}),
     ("sphereface2", 200_000, 64, 2048, 2, 1.0, {"fused_update": True, "proxy_dtype": "bf16"}),
+    ("sphereface2", 400_000, 64, 2048, 2, 1.0, {"fused_update": True}),
     ("partial_fc", 50_000, 64, 0, 1, 1.0, {}),
     ("partial_fc", 200_000, 32, 0, 2, 1.0, {}),
     ("partial_fc", 400_000, 64, 0, 2, 0.1, {}),
+    ("partial_fc", 200_000, 128, 0, 1, 0.2, {}),
 ]
 SMOKE_POINTS = [("sphereface2", 2_000, 8, 256, 1, 1.0, {}), ("partial_fc", 2_000, 8, 0, 2, 0.5, {})]
 MEM_TOL, TIME_TOL = 0.10, 0.25
@@ -47,13 +52,19 @@ TRANSIENT = ("logit_block", "sampled_copies", "embeddings", "comm_buffers")
 
 
 def _measure(rank, world, cfg):
-    """classifier.run_config in this rank + this process's peak RSS (robust to when tensors are made)."""
+    """classifier.run_config in this rank + this process's peak RSS (robust to when tensors are made) +
+    the planner's host rates timed right after the steps in every rank at once (after the RSS is read)."""
     import resource
 
     import classifier as C
 
+    from fr_dist import comm
+
     r = C._spawned(rank, world, cfg)
     r["process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    comm.barrier()
+    r["rates"] = P.measure_rates()
+    comm.barrier()
     return r
 
 
@@ -138,16 +149,20 @@ def main(argv=None) -> int:
         N = W * B
         n_used = mem["proxies"] // (a.dim * P.DTYPE_BYTES[cfg.proxy_dtype])
         n_used = n_used if rate >= 1 or head != "partial_fc" else int(rate * n_used)
-        # in-process GEMM rate: classifier.py times the same three GEMMs interleaved with the steps
+        # in-process rates: the GEMM rate from classifier.py's same three GEMMs interleaved with the steps,
+        # the host rates (stream, elementwise, transcendental, fresh pages, op overhead) timed right after
         gemm_rate = 6.0 * N * n_used * a.dim / r["gemm3_time_s"] / 1e12 if r.get("gemm3_time_s") else None
-        hw_in = dataclasses.replace(hw, tflops={k: gemm_rate for k in hw.tflops}) if gemm_rate else hw
+        hw_in = dataclasses.replace(hw, **r["rates"])
+        if gemm_rate:
+            hw_in = dataclasses.replace(hw_in, tflops={k: gemm_rate for k in hw.tflops})
         st_in = P.step_time(cfg, hw_in)
-        # peak RSS model: baseline rank + the benchmark's own tensors + head state + the larger of the step's
-        # transients and the reference GEMMs' [N, n] output
-        bench = min(K, 100_000) * a.dim * 4 + (N * a.dim + n_used * a.dim + N * n_used) * 4
+        # peak RSS model: baseline rank + the benchmark's own tensors (centres, the reference GEMMs'
+        # operands x [N, D], w [n, D], g [N, n] and their outputs [N, n], [N, D], [n, D]) + head state + the
+        # step's transients
+        bench = min(K, 100_000) * a.dim * 4 + 2 * (N * a.dim + n_used * a.dim + N * n_used) * 4
         state = mem["proxies"] + mem["optimizer_state"] + mem["fp32_master"] + mem["proxy_grad"]
         step_tr = sum(mem[k] for k in TRANSIENT)
-        pred_rss = baseline[W] + bench + state + max(step_tr, N * n_used * 4)
+        pred_rss = baseline[W] + bench + state + step_tr
         meas_rss = int(r["process_max_rss_bytes"])
         grad_in_step = head == "sphereface2" and not fused  # made in the forward: seen by the profiler
         pred_tr = step_tr + (mem["proxy_grad"] if grad_in_step else 0)
@@ -178,6 +193,7 @@ def main(argv=None) -> int:
             time_error_start_profile=st["total"] / meas_t - 1,
             measured_gemm3_s=r.get("gemm3_time_s"),
             gemm_tflops_in_process=gemm_rate,
+            rates_in_process=r["rates"],
             predicted_memory=mem,
             predicted_time=st_in,
         )
@@ -215,17 +231,19 @@ def main(argv=None) -> int:
         "* Peak memory: the rank's peak RSS vs baseline (peak RSS of the same benchmark rank at negligible K: "
         + ", ".join(f"W={w}: {b / 2**20:.0f} MiB" for w, b in baseline.items())
         + ") + the benchmark's own tensors (centres min(K, 1e5) x D, its reference-GEMM operands [N, D], [n, D], "
-        "[N, n]) + the planner's head state (proxies, optimizer state, gradient) + max(planner step transients, "
-        "the reference GEMM's [N, n] output).",
+        "[N, n] and their outputs [N, n], [N, D], [n, D]) + the planner's head state (proxies, optimizer state, "
+        "gradient) + the planner's step transients.",
         "* Step allocations: classifier.py `peak_step_bytes` (torch.profiler allocation events, one step, above "
         "its start) vs the planner's logit block + sampled copies + embeddings + comm buffers (+ the gradient "
         "where the head makes it in the forward; the profiler does not show frees of blocks made before it "
         "started). Informational.",
-        "* Step time: the planner on the cpu profile with the GEMM rate classifier.py measures in the same "
-        "process (its `gemm3_time_s`, the same three GEMMs interleaved with the steps); the rest of the profile "
-        "(elementwise rate, gloo bandwidth / latency) measured at the start of the run: "
+        "* Step time: the planner on the cpu profile with rates measured in the same processes: the GEMM rate "
+        "from classifier.py's `gemm3_time_s` (the same three GEMMs interleaved with the steps, outputs written in "
+        "place), the host rates of `fr_dist.plan.measure_rates` (stream, simple and transcendental elementwise "
+        "ops, fresh-page allocation, op overhead) timed in every rank at once right after the steps, per point: "
+        "columns 'rates'. The 'start profile' column uses the profile measured once at the start of the run: "
         + ", ".join(f"{k} {v:.3g}" for k, v in measured_profile["measured"].items())
-        + ". The 'start profile' column uses the start-of-run GEMM rate too.",
+        + ".",
         "",
         "| head | options | K | B | chunk | W | rate | peak RSS MiB measured | predicted | error "
         "| step alloc MiB measured | predicted | step ms measured | predicted | error | start-profile prediction |",

@@ -24,9 +24,22 @@ Memory model (N = W * B gathered rows, n = local classes, S = active classes = i
   fp16/bf16 autocast), and a constant framework overhead per hardware profile (CUDA context, cuBLAS /
   cuDNN workspaces, allocator slack; stated in the profile).
 
-Step time model: GEMM FLOPs / (peak x efficiency), HBM bytes / bandwidth, ring-collective bytes / bus
-bandwidth (nccl-tests "busbw" convention), per-collective latency, backbone 3 x forward FLOPs / (peak x
-efficiency). Terms are summed (no overlap assumed: an upper bound on the step).
+Step time model (per step, busiest rank; terms summed, no overlap assumed):
+
+* classifier GEMMs 6 N S D FLOPs / (peak x efficiency); backbone 3 x forward FLOPs / (peak x efficiency);
+* row traffic: passes over the shard's rows outside the GEMMs (norms, gradient, optimizer: OPT_PASSES,
+  PFC_ROW_PASSES, ...) in bytes / stream bandwidth; the fused SphereFace2 update's in-cache row ops;
+* logit elementwise: the ops per element of the [N, S] block, counted from the implementations
+  (SF2_LOGIT_OPS, PFC_LOGIT_OPS): one HBM read + write each on a GPU; on a CPU simple ops and each
+  transcendental function at their measured rates;
+* fresh allocation (CPU): arrays >= 32 MiB made every step are mapped afresh by glibc (page faults,
+  zeroing, munmap), at the measured rate; GPUs' caching allocator makes this 0;
+* op overhead: eager ops per step x dispatch / launch cost (the chunk loop's ops scale with S / chunk);
+* communication: ring-collective bytes / bus bandwidth (nccl-tests "busbw" convention) + latency per call.
+
+Validated on this machine's CPU against benchmarks/classifier.py with rates measured in the same processes
+(benchmarks/plan_vs_measured.py) and on GPU only against insightface's published V100 throughput, with one
+fitted figure (``conv_efficiency``; benchmarks/plan_validation.py).
 """
 
 from __future__ import annotations
@@ -80,12 +93,25 @@ class Hardware:
     inter_latency_s: float  # extra small-message latency per inter-node tree level
     overhead_bytes: int  # CUDA context + library workspaces + allocator slack, per GPU
     gemm_efficiency: float = 0.7  # achieved / peak on the head's large GEMMs
-    conv_efficiency: float = 0.4  # achieved / peak on the backbone (112x112 convs, BN, PReLU)
+    # achieved / peak on the backbone (112x112 convs, BN, PReLU): 0.19 fitted on the insightface V100 record
+    # (iresnet50 fp16, 125K identities, where the head is < 3% of the step: 5,004 img/s; see
+    # benchmarks/plan_validation.py); the same figure is assumed, unvalidated, for the other GPUs.
+    conv_efficiency: float = 0.19
     elementwise_efficiency: float = 0.8  # achieved / peak HBM bandwidth on streaming kernels
     source: str = ""
-    # rate of the loss's elementwise passes over the logit block, GB/s counted as 4-byte reads + writes;
-    # None = memory-bound (hbm_gbps x elementwise_efficiency, GPUs). On a CPU exp/log1p bound it: measured.
-    elementwise_gbps: float | None = None
+    # Host / kernel costs outside the FLOP and byte counts. GPUs: every elementwise op is one HBM read +
+    # write pass (the None defaults below), the caching allocator hands memory back untouched, and each
+    # eager op costs a launch. CPUs (measured by ``--measure``): vectorised ops and transcendental functions
+    # have their own rates, and glibc maps every allocation of >= 32 MiB afresh (page faults + zeroing +
+    # munmap on every step that makes it).
+    op_overhead_s: float = 5e-6  # dispatch + launch of one eager op (CUDA launch latency ~5 us)
+    elementwise_gelems: float | None = (
+        None  # simple vectorised op (mul, add, compare, sum) over a block, 1e9 elements/s
+    )
+    cached_elementwise_gelems: float | None = None  # the same on a block that stays in cache (a chunk), 1e9/s
+    transcendental_gelems: dict | None = None  # {"exp", "softplus", "sigmoid"}: 1e9 elements/s
+    fresh_alloc_gbps: float | None = None  # first touch + release of a freshly mapped block, GB/s
+    fresh_alloc_min_bytes: int = 32 * (1 << 20)  # allocations at least this large are mapped afresh each time
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -171,7 +197,11 @@ CPU_DEFAULT = Hardware(
     conv_efficiency=0.5,
     elementwise_efficiency=1.0,
     source="defaults; run `fr-dist plan --measure` to time a GEMM and gloo collectives here",
-    elementwise_gbps=1.0,
+    op_overhead_s=5e-6,
+    elementwise_gelems=2.5,
+    cached_elementwise_gelems=5.0,
+    transcendental_gelems={"exp": 1.0, "softplus": 0.6, "sigmoid": 2.0},
+    fresh_alloc_gbps=2.0,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,6 +521,92 @@ def _head_dtype(cfg: PlanConfig) -> str:
     return "fp32"
 
 
+# Work outside the GEMMs, counted from the implementations (per step, busiest rank). Row passes are reads
+# or writes of one [rows, D] array in storage dtype; logit ops are elementwise ops over one element of the
+# [N, S] block ("simple": arithmetic, compare, reduction; the rest by name).
+#
+# torch.optim single-tensor steps (the CPU default; foreach on CUDA moves the same bytes): SGD momentum
+# buf.mul_ (r+w), buf.add_(g) (2r+w), p.add_(buf) (2r+w) = 8; AdamW p.mul_ (2), exp_avg.lerp_ (3),
+# exp_avg_sq.mul_.addcmul_ (5), denom = sqrt / c + eps (6, two fresh arrays), p.addcdiv_ (4) = 20.
+OPT_PASSES = {"sgd": 8, "adamw": 20}
+OPT_FRESH_ROWS = {"sgd": 0, "adamw": 2}
+# fr_dist.heads.sf2_fused per chunk (margin C, t = 3, grad detached): u + 1, u^(t-1) (a square), addcmul
+# -> z, sum of softplus, sum of Q; softplus(z), sigmoid(z). Target entries (<= N per step) are not counted.
+SF2_LOGIT_OPS = {"simple": 5, "softplus": 1, "sigmoid": 1}
+# ... and the torch ops it dispatches per chunk (norm, div, mm, indexing of the targets, pow, addcmul,
+# softplus, sums, sigmoid, the two gradient GEMMs, the fused update's 3-4 ops): about 30.
+SF2_OPS_PER_CHUNK = 30
+# fr_dist.heads.softmax._FusedMarginSoftmax (chunk None): * inv_norm, amax, amin, * s, amax, - max, sum,
+# * row scale, * column scale, cos * g, sum over rows; exp. insightface PartialFC_V2 + DistCrossEntropy
+# (autocast): cast, clamp, * s, max, - max, sum, / sum, / N, * grad, and the backward of * s, clamp (2),
+# cast; exp. V1 the same without the two casts.
+PFC_LOGIT_OPS = {
+    "fr_dist": {"simple": 11, "exp": 1},
+    "v2": {"simple": 13, "exp": 1},
+    "v1": {"simple": 11, "exp": 1},
+}
+PFC_OPS_PER_STEP = 60  # sampler, gather, norms, the fused softmax, its backward, the update: ~60 ops
+# Row passes besides the optimizer (per n rows of the shard / per S sampled rows), fp32 for Partial FC:
+# SphereFace2 unfused: norm read, in-place divide (2), gradient written = 4 over n.
+# SphereFace2 fused: each row is read once and written once (the chunk stays in cache between the norm,
+# the three GEMMs and the update) and each optimizer state row likewise: 2 + 2 x states over S.
+# fr_dist Partial FC, rate 1: norm read, gradient written by the GEMM, radial addcmul_ (3) = 5 over n.
+#   rate < 1: the dense gradient's zero fill (1) over n; gather weight[index] (2), norm (1), [S, D] gradient
+#   (1), radial addcmul_ (3), index_put_ accumulate into the dense gradient (3) = 10 over S.
+# insightface v2: F.normalize (3) + its backward (5) + gradient (1) over the active rows; the dense
+# gradient's zero fill over n when sampling, and the gather (2) + index_put_ (3). v1: the memory bank's
+# gather of weight and momentum (4) and write-back (4) over S, normalise (3 + 5) + gradient (1).
+PFC_ROW_PASSES = {  # impl: (passes over n, passes over S) at rate < 1; rate 1 uses the "full" entry
+    "fr_dist": (1, 10),
+    "v2": (1, 14),
+    "v1": (0, 17),
+}
+PFC_ROW_PASSES_FULL = {"fr_dist": 5, "v2": 9, "v1": 9}
+# The fused SphereFace2 update works on the chunk's rows while they sit in cache: its elementwise ops over
+# each used row element are compute, not memory traffic (CPU rate; on GPUs they hide under the row
+# passes): norm, divide, and the update (SGD momentum buf.mul_, buf.add_, w.add_; AdamW ~8), plus, for a
+# storage dtype other than fp32, the conversions of the row and of each state row in and out.
+SF2_FUSED_ROW_OPS = {"sgd": 2 + 3, "adamw": 2 + 8}
+
+
+def _elementwise_seconds(ops: dict, elements: float, hw: Hardware, cached: bool = False) -> float:
+    """Time of ``ops`` (name -> count per element) over ``elements`` (``cached``: a block that stays in
+    cache, as the SphereFace2 chunk does): CPU rates when the profile has them, else one HBM read + write
+    pass (8 bytes per fp32 element) per op."""
+    stream = hw.hbm_gbps * 1e9 * hw.elementwise_efficiency
+    simple = (hw.cached_elementwise_gelems if cached else None) or hw.elementwise_gelems
+    t = 0.0
+    for name, count in ops.items():
+        if name == "simple" and simple:
+            t += count * elements / (simple * 1e9)
+        elif name != "simple" and hw.transcendental_gelems and name in hw.transcendental_gelems:
+            t += count * elements / (hw.transcendental_gelems[name] * 1e9)
+        else:
+            t += count * elements * 8 / stream
+    return t
+
+
+def step_allocations(cfg: PlanConfig) -> list[int]:
+    """Bytes of the arrays a step allocates afresh (the optimizer's gradient is freed by zero_grad)."""
+    n, S, N = _local(cfg)
+    D, f4 = cfg.dim, 4
+    extra = [n * D * (DTYPE_BYTES[cfg.proxy_dtype] if cfg.head == "sphereface2" else f4)] * OPT_FRESH_ROWS[
+        cfg.optimizer
+    ]
+    if cfg.head == "sphereface2":
+        if cfg.fused_update:
+            return []  # chunk-sized buffers only; the update runs inside the pass
+        grads = [n * D * f4] + ([n * D * DTYPE_BYTES[cfg.proxy_dtype]] if cfg.proxy_dtype != "fp32" else [])
+        return grads + extra
+    sampled = S < n
+    # the [n, D] gradient (dense: zeros + index_put_ when sampling, the GEMM's output at rate 1), the
+    # cosine block and its scaled copy [N, S]; when sampling, the [S, D] gather and its gradient
+    out = [n * D * f4, N * S * f4, N * S * f4]
+    if sampled:
+        out += [S * D * f4, S * D * f4]
+    return out + extra
+
+
 def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
     """Seconds per step by item, with ``total`` and the softmax all-reduces' own share."""
     cfg.validate()
@@ -500,27 +616,38 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
     # classifier GEMMs: cos = x W^T, dx = g W, dW = g^T x  -> 3 x 2 N S D
     flops = 6.0 * N * S * D
     t["classifier_compute"] = flops / (hw.tflops[_head_dtype(cfg)] * 1e12 * hw.gemm_efficiency)
-    # memory traffic: proxies / optimizer state / gradients per step + elementwise passes over the logits
+    # row traffic: proxies, optimizer state and gradients, outside the GEMMs (tables above)
+    stream = hw.hbm_gbps * 1e9 * hw.elementwise_efficiency
+    opt = OPT_PASSES[cfg.optimizer]
     if cfg.head == "sphereface2":
         p = DTYPE_BYTES[cfg.proxy_dtype]
-        opt_state = 2 if cfg.optimizer == "adamw" else 1
-        # row passes outside the GEMMs (the GEMMs read their operands; the fused chunk keeps its rows in
-        # cache between them): re-normalisation read + write, then the update. Fused: write w, read +
-        # write the optimizer state, on the rows used. Unfused: write the gradient, the optimizer reads w,
-        # grad and state and writes w and state, over the whole shard.
+        states = 2 if cfg.optimizer == "adamw" else 1
         if cfg.fused_update:
-            rows = S * D * p * (2 + 1 + 2 * opt_state)
+            row_bytes = S * D * p * (2 + 2 * states)
+            row_ops = SF2_FUSED_ROW_OPS[cfg.optimizer] + (2 * (1 + states) if p != 4 else 0)
         else:
-            rows = n * D * p * (2 + 1 + 3 + 2 * opt_state)
-        logit_passes = 4  # fp32 [N, c]: cos write, fused loss/grad pass (read cos, write grad), grad read
+            row_bytes = n * D * p * (4 + opt)
+        logit_ops = SF2_LOGIT_OPS
+        ops = SF2_OPS_PER_CHUNK * math.ceil(S / max(1, min(cfg.chunk_size, S)))
     else:
-        opt_state = 2 if cfg.optimizer == "adamw" else 1
-        # read w (+ gather copy), normalise, dense grad fill + write, optimizer over all n rows
-        rows = n * D * 4 * (1 + 2 + (1 + opt_state) * 2 + 1) + S * D * 4 * 6
-        logit_passes = 12  # linear out, clamp, margin, exp, div, gradient, one-hot fix-up, scale
-    stream = hw.hbm_gbps * 1e9 * hw.elementwise_efficiency
-    elementwise = hw.elementwise_gbps * 1e9 if hw.elementwise_gbps else stream
-    t["memory_traffic"] = rows / stream + N * S * 4 * logit_passes / elementwise
+        if S < n:
+            over_n, over_s = PFC_ROW_PASSES[cfg.pfc_impl]
+            row_bytes = n * D * 4 * (over_n + opt) + S * D * 4 * over_s
+            if cfg.pfc_impl == "v1":  # the memory bank's optimizer runs on the S sub-weight rows only
+                row_bytes = S * D * 4 * (over_s + opt)
+        else:
+            row_bytes = n * D * 4 * (PFC_ROW_PASSES_FULL[cfg.pfc_impl] + opt)
+        logit_ops = PFC_LOGIT_OPS[cfg.pfc_impl]
+        ops = PFC_OPS_PER_STEP
+    t["row_traffic"] = row_bytes / stream
+    in_cache = cfg.head == "sphereface2" and cfg.fused_update and hw.elementwise_gelems
+    t["row_elementwise"] = (
+        _elementwise_seconds({"simple": row_ops}, S * D, hw, cached=True) if in_cache else 0.0
+    )
+    t["logit_elementwise"] = _elementwise_seconds(logit_ops, N * S, hw, cached=cfg.head == "sphereface2")
+    fresh = sum(b for b in step_allocations(cfg) if b >= hw.fresh_alloc_min_bytes)
+    t["fresh_allocation"] = fresh / (hw.fresh_alloc_gbps * 1e9) if hw.fresh_alloc_gbps else 0.0
+    t["op_overhead"] = ops * hw.op_overhead_s
     # communication: all-gather [N, D+1], reduce-scatter [N, D], backbone gradient all-reduce
     bw = _busbw(cfg, hw)
     ring = (W - 1) / W if W > 1 else 0.0
@@ -697,37 +824,67 @@ def _gemm_tflops(dtype_name: str, size: int = 1024, reps: int = 5) -> float:
     return 2 * size**3 / best / 1e12
 
 
-def _copy_gbps(numel: int = 1 << 24, reps: int = 5) -> float:
-    """Streaming bandwidth: read + write of a 64 MiB fp32 copy."""
+def _best_time(fn, reps: int) -> float:
     import time
 
-    import torch
-
-    x = torch.randn(numel)
-    y = torch.empty_like(x)
+    fn()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        y.copy_(x)
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * numel * 4 / best / 1e9
+    return best
 
 
-def _elementwise_gbps(numel: int = 1 << 22, reps: int = 3) -> float:
-    """Effective streaming rate on CPU: a softplus chain (clamp, abs, exp, log1p, add) over fp32 values,
-    counted as 4 passes of 4 bytes per element as the step model counts a fused elementwise pass. On a CPU
-    the transcendental functions, not DRAM, bound these passes, so a plain copy would overstate it."""
-    import time
-
+def _op_rates(numel: int, reps: int) -> dict:
     import torch
 
-    z = torch.randn(numel)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))
-        best = min(best, time.perf_counter() - t0)
-    return 4 * 4 * numel / best / 1e9
+    x = torch.rand(numel)
+    y = torch.rand(numel)
+    small, calls = 1 << 17, 32  # two 512 KiB arrays: they stay in a 1 MiB L2
+    xs, ys = x[:small].clone(), y[:small].clone()
+
+    def cached():
+        for _ in range(calls):
+            ys.mul_(xs)
+
+    return dict(
+        hbm_gbps=12 * numel / _best_time(lambda: y.add_(x), reps) / 1e9,
+        elementwise_gelems=numel / _best_time(lambda: y.mul_(x), reps) / 1e9,
+        cached_elementwise_gelems=calls * small / _best_time(cached, reps) / 1e9,
+        transcendental_gelems={
+            "exp": numel / _best_time(lambda: torch.exp(x, out=y), reps) / 1e9,
+            "softplus": numel / _best_time(lambda: torch._C._nn.softplus(x, 1.0, 20.0, out=y), reps) / 1e9,
+            "sigmoid": numel / _best_time(lambda: torch.sigmoid(x, out=y), reps) / 1e9,
+        },
+    )
+
+
+def measure_rates(numel: int = 1 << 23, reps: int = 5) -> dict:
+    """The host rates of the step model, timed in this process (run it in every rank at once: the ranks
+    share the memory bus): ``hbm_gbps`` (in-place ``y += x`` over 32 MiB arrays, 12 bytes per element),
+    ``elementwise_gelems`` (``y *= x``; ``cached_elementwise_gelems`` on 512 KiB arrays),
+    ``transcendental_gelems`` (exp, softplus, sigmoid), ``fresh_alloc_gbps`` (``torch.zeros`` of a new
+    256 MiB array, written once and freed: glibc maps it afresh) and ``op_overhead_s`` (an in-place op on
+    one element)."""
+    import torch
+
+    out = _op_rates(numel, reps)
+    big = 1 << 26  # 256 MiB
+
+    def fresh():
+        z = torch.zeros(big)
+        del z
+
+    out["fresh_alloc_gbps"] = 4 * big / _best_time(fresh, reps) / 1e9
+    one = torch.zeros(1)
+
+    def tiny_ops():
+        for _ in range(100):
+            one.add_(1.0)
+
+    out["op_overhead_s"] = _best_time(tiny_ops, reps) / 100
+    return out
 
 
 def _rss_bytes() -> int:
@@ -746,6 +903,11 @@ def _collectives_worker(rank: int, world: int) -> dict:
     from fr_dist import comm
 
     out = {"baseline_rss_bytes": _rss_bytes()}  # python + torch + fr_dist + a gloo group
+    comm.barrier()
+    out["rates"] = measure_rates()  # every rank at once, as the ranks of a run share the memory bus
+    out["gemm_fp32_tflops"] = _gemm_tflops("fp32")
+    out["gemm_bf16_tflops"] = _gemm_tflops("bf16", size=1024, reps=3)
+    comm.barrier()
     big = torch.randn(1 << 20)  # 4 MiB per rank
     small = torch.randn(8)
     for name, fn, nbytes, factor in (
@@ -770,29 +932,26 @@ def _collectives_worker(rank: int, world: int) -> dict:
 
 
 def measure_cpu_profile(world: int = 2) -> dict:
-    """Time a fp32 / bf16 GEMM, a copy (memory bandwidth) and gloo all-gather / all-reduce between
-    ``world`` local processes; return Hardware field overrides for the ``cpu`` profile."""
-    import torch
-
+    """In ``world`` local processes at once (1 thread each): a fp32 / bf16 GEMM, the host rates of
+    :func:`measure_rates` and gloo all-gather / all-reduce; return Hardware field overrides for the ``cpu``
+    profile (rank 0's figures)."""
     from fr_dist.testing import spawn_gloo
 
-    torch.set_num_threads(1)
-    fp32 = _gemm_tflops("fp32")
-    bf16 = _gemm_tflops("bf16", size=1024, reps=3)
-    hbm = _copy_gbps()
-    ew = _elementwise_gbps()
-    coll = spawn_gloo(_collectives_worker, world, args=(), timeout_s=120)[0]
+    coll = spawn_gloo(_collectives_worker, max(2, world), args=(), timeout_s=300)[0]
+    fp32, bf16 = coll["gemm_fp32_tflops"], coll["gemm_bf16_tflops"]
+    rates = coll.pop("rates")
     bus = min(coll["all_gather_busbw_gbps"], coll["all_reduce_busbw_gbps"])
+    flat = {k: v for k, v in rates.items() if k != "transcendental_gelems"}
+    flat.update({f"{k}_gelems": v for k, v in rates["transcendental_gelems"].items()})
     return dict(
+        rates,
         tflops={"fp32": fp32, "bf16": bf16, "fp16": bf16},
-        hbm_gbps=hbm,
-        elementwise_gbps=ew,
         intra_busbw_gbps=bus,
         inter_busbw_gbps=bus,
         intra_latency_s=coll["latency_s"],
         inter_latency_s=coll["latency_s"],
         overhead_bytes=int(coll["baseline_rss_bytes"]) or CPU_DEFAULT.overhead_bytes,
-        measured=dict(coll, gemm_fp32_tflops=fp32, gemm_bf16_tflops=bf16, copy_gbps=hbm, elementwise_gbps=ew),
+        measured=dict(coll, **flat),
     )
 
 
@@ -863,7 +1022,7 @@ def run_plan_cli(a) -> int:
             if a.hardware != "cpu":
                 print("fr-dist plan: --measure applies to --hardware cpu; using cpu", file=sys.stderr)
                 a.hardware = "cpu"
-            measured = measure_cpu_profile(2)
+            measured = measure_cpu_profile(max(2, cfg.gpus_per_node))
             if not a.json:
                 print("measured cpu profile: " + json.dumps(measured["measured"]))
         hw = load_hardware(a.hardware, cfg.gpus_per_node, measured)

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -140,12 +141,18 @@ def _safe_globals() -> list:
     return out
 
 
-def safe_load(path, map_location="cpu"):
+def safe_load(path, map_location="cpu", mmap: bool = False):
     """``torch.load(weights_only=True)`` (tensors, containers, numbers, strings; no code), with
-    numpy's array reconstruction allowed; any failure is a CheckpointError naming the file."""
+    numpy's array reconstruction allowed; any failure is a CheckpointError naming the file.
+
+    ``mmap=True`` maps the tensors' storages instead of reading them (zip-format files, CPU): only the
+    pages a caller touches are read, so a rank that re-shards from W saved shards reads its own rows,
+    not W whole files."""
     path = Path(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
+            if mmap and map_location == "cpu" and zipfile.is_zipfile(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from the checkpoint") from None

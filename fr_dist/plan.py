@@ -439,6 +439,8 @@ def memory_breakdown(cfg: PlanConfig, hw: Hardware) -> dict:
         c = min(cfg.chunk_size, n)
         m["proxies"] = n * D * p
         m["optimizer_state"] = n * D * p * (2 if cfg.optimizer == "adamw" else 1)
+        if cfg.optimizer == "adamw" and cfg.fused_update:
+            m["optimizer_state"] += n * 4  # the fused AdamW's per-row step count, int32 [n]
         m["fp32_master"] = n * D * f4 if cfg.fp32_master and p < 4 else 0
         m["proxy_grad"] = 0 if cfg.fused_update else n * D * p
         m["sampled_copies"] = 0

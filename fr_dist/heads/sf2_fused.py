@@ -10,7 +10,7 @@ Per chunk of ``c`` classes (N = W*B gathered rows, D = embedding size)::
     target entries (at most N per step) are patched on [N] vectors (full margin formula)
     grad_W = Q^T @ (alpha x_hat)                                            GEMM 2     [c, D]
     grad_x += Q @ w                                                         GEMM 3     [N, D]
-    optional fused optimizer update of the chunk's rows (and momentum) right here
+    optional fused optimizer update of the chunk's rows (and their optimizer state) right here
 
 Only [N, c] temporaries exist (3 of them). Negatives are evaluated with the cheap closed form
 ``z = (2r / 2^t) (c + 1)^t + r (m_neg - 1) + b`` (A/M: c clipped first, as OpenSphere's
@@ -24,8 +24,12 @@ guarantees (grad_accum = 1, no fp16 GradScaler).
 
 Semantics (identical to OpenSphere / the previous head): the rows used are ``W / |W|``, written
 back in place (the stored rows are unit after every forward that does not update them);
-``weight.grad`` (non-fused) is dL/dW_used; a fused SGD step computes exactly what
-``torch.optim.SGD`` would on those unit rows with that gradient.
+``weight.grad`` (non-fused) is dL/dW_used; a fused step computes exactly what ``torch.optim.SGD``
+(:class:`RowOptimizer`) or ``torch.optim.AdamW`` (:class:`RowAdamW`) would on those unit rows with
+that gradient. Per-row state (momentum / Adam moments, the Adam step count) is gathered per chunk
+into chunk-sized fp32 temporaries when it is stored in another dtype (bf16) or the rows are sampled,
+updated in fp32 and written back: no [n, D] temporary exists. With negative sampling the update is
+lazy: rows not used in a step keep their values and their state (like SparseAdam / LazyAdam).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from fr_dist.heads.margins import (
 
 __all__ = [
     "FusedPlan",
+    "RowAdamW",
     "RowOptimizer",
     "auto_chunk_size",
     "sphereface2_target_slope",
@@ -101,7 +106,11 @@ class RowOptimizer:
         if self.nesterov and self.momentum <= 0:
             raise ValueError("nesterov momentum needs momentum > 0")
 
-    def step_(self, w: torch.Tensor, g: torch.Tensor, buf: Optional[torch.Tensor]) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        """The :class:`FusedPlan` per-row state tensors :meth:`step_` takes after ``w`` and ``g``."""
+        return ("momentum",) if self.momentum else ()
+
+    def step_(self, w: torch.Tensor, g: torch.Tensor, buf: Optional[torch.Tensor] = None) -> None:
         """w [c, D] (fp32, updated in place), g [c, D] (consumed), buf [c, D] fp32 momentum or None."""
         if self.weight_decay:
             g.add_(w, alpha=self.weight_decay)
@@ -110,6 +119,60 @@ class RowOptimizer:
             buf.mul_(self.momentum).add_(g)
             step = g.add_(buf, alpha=self.momentum) if self.nesterov else buf
         w.add_(step, alpha=-self.lr)
+
+
+@dataclass
+class RowAdamW:
+    """Per-row AdamW applied inside the fused pass: ``torch.optim.AdamW`` semantics (decoupled weight
+    decay, bias correction; no amsgrad / maximize) on the rows a step uses.
+
+    The step count of the bias correction is kept PER ROW (``FusedPlan.row_step``, the head's
+    ``weight_step`` buffer [n] int32): a row is stepped exactly as ``torch.optim.AdamW`` would step it
+    on the sequence of steps that used it. Without sampling every row is used every step, so all
+    counts equal the optimizer step count and the update is ``torch.optim.AdamW`` on the whole shard.
+    A per-row count is a [n, ...] row buffer like the moments, so it is checkpointed and re-sharded
+    with them (a scalar count could not be), and skipped steps (non-finite inputs) do not count.
+    ``lr`` is set by the trainer from the head's LR schedule before every step.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+    def __post_init__(self):
+        b1, b2 = (float(b) for b in self.betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {self.betas}")
+        if self.eps < 0 or self.weight_decay < 0 or self.lr < 0:
+            raise ValueError(f"AdamW lr / eps / weight_decay must be >= 0, got {self}")
+        self.betas = (b1, b2)
+
+    def state_fields(self) -> tuple[str, ...]:
+        """exp_avg (the head's ``weight_momentum``), exp_avg_sq and the per-row step count."""
+        return ("momentum", "exp_avg_sq", "row_step")
+
+    def step_(
+        self,
+        w: torch.Tensor,
+        g: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        step: torch.Tensor,
+    ) -> None:
+        """w, exp_avg, exp_avg_sq [c, D] (compute dtype, updated in place), g [c, D] (consumed as the
+        denominator's buffer), step [c] int32 per-row counts (incremented)."""
+        b1, b2 = self.betas
+        step.add_(1)
+        s = step.to(torch.float64)  # [c]: coefficients in double, as torch's Python-float ones
+        step_size = (self.lr / (1.0 - torch.pow(b1, s))).to(w.dtype).unsqueeze(1)  # [c, 1]
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, s)).to(w.dtype).unsqueeze(1)  # [c, 1]
+        if self.weight_decay:
+            w.mul_(1.0 - self.lr * self.weight_decay)
+        exp_avg.lerp_(g, 1.0 - b1)
+        exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        denom = torch.sqrt(exp_avg_sq, out=g).div_(bc2_sqrt).add_(self.eps)  # [c, D], in g's storage
+        w.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size))  # w -= step_size * m / denom
 
 
 @dataclass
@@ -125,8 +188,10 @@ class FusedPlan:
     grad: str
     batch_size: int  # GLOBAL batch size B normalising the loss
     chunk_size: int = 0  # 0 = auto
-    optimizer: Optional[RowOptimizer] = None  # fused update when set
-    momentum: Optional[torch.Tensor] = None  # [n, D] per-row momentum (storage dtype)
+    optimizer: Optional[RowOptimizer | RowAdamW] = None  # fused update when set
+    momentum: Optional[torch.Tensor] = None  # [n, D] per-row momentum / AdamW exp_avg (storage dtype)
+    exp_avg_sq: Optional[torch.Tensor] = None  # [n, D] AdamW second moment (storage dtype)
+    row_step: Optional[torch.Tensor] = None  # [n] int32 AdamW per-row step count
     master: Optional[torch.Tensor] = None  # [n, D] fp32 master rows (bf16 storage)
     index: Optional[torch.Tensor] = None  # [S] sorted shard rows used this step (sampling)
     col_weight: Optional[torch.Tensor] = None  # [S] 1 / inclusion probability of each used row
@@ -176,12 +241,18 @@ class _FusedSF2(torch.autograd.Function):
         g_tmp = None
         if need_grads and (fused or plan.index is not None):
             g_tmp = torch.empty(csize, D, dtype=cdt, device=dev)
-        mom = plan.momentum if fused and plan.optimizer.momentum else None
-        m_tmp = (
-            torch.empty(csize, D, dtype=cdt, device=dev)
-            if mom is not None and (mom.dtype != cdt or plan.index is not None)
-            else None
-        )
+        # per-row optimizer state [n, ...]; a chunk-sized compute-dtype copy where it is stored in
+        # another dtype or gathered (sampling); integer state (step counts) stays integer
+        states = []
+        for name in plan.optimizer.state_fields() if fused else ():
+            st = getattr(plan, name)
+            if st is None:
+                raise ValueError(f"the fused {type(plan.optimizer).__name__} update needs FusedPlan.{name}")
+            tdt = cdt if st.dtype.is_floating_point else st.dtype
+            tmp = None
+            if st.dtype != tdt or plan.index is not None:
+                tmp = torch.empty((csize,) + tuple(st.shape[1:]), dtype=tdt, device=dev)  # [csize, ...]
+            states.append((st, tmp))
 
         grad_w = None
         if need_w:
@@ -260,18 +331,18 @@ class _FusedSF2(torch.autograd.Function):
             if fused:
                 g = g_tmp[:c]
                 torch.mm(u.t(), xh_a, out=g)  # dL/dW_used [c, D]
-                if mom is not None:
-                    if m_tmp is None:
-                        mb = mom[lo:hi]
-                    else:
-                        mb = m_tmp[:c]
-                        mb.copy_(mom[lo:hi] if ridx is None else mom[ridx])
-                else:
-                    mb = None
                 if plan.update_ok:
-                    plan.optimizer.step_(wc, g, mb)
-                    if m_tmp is not None:
-                        _write_rows(mom, lo, hi, ridx, mb)
+                    sb = []  # the chunk's state rows: views of the storage or filled temporaries
+                    for st, tmp in states:
+                        if tmp is None:
+                            sb.append(st[lo:hi])
+                        else:
+                            sb.append(tmp[:c])
+                            sb[-1].copy_(st[lo:hi] if ridx is None else st[ridx])
+                    plan.optimizer.step_(wc, g, *sb)
+                    for (st, tmp), b_ in zip(states, sb):
+                        if tmp is not None:
+                            _write_rows(st, lo, hi, ridx, b_)
             elif grad_w is not None:
                 if ridx is None:
                     torch.mm(u.t(), xh_a, out=grad_w[lo:hi])

@@ -19,6 +19,8 @@ own weight rows onto the unit sphere in place, outside autograd; the forward div
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +33,7 @@ from fr_dist.heads.margins import (
     target_mask,
 )
 from fr_dist.heads.sampling import num_sampled, sample_negatives
-from fr_dist.heads.sf2_fused import FusedPlan, RowOptimizer, sphereface2_fused_partial_loss
+from fr_dist.heads.sf2_fused import FusedPlan, RowAdamW, RowOptimizer, sphereface2_fused_partial_loss
 
 __all__ = ["SphereFace2Head", "sphereface2_loss", "sphereface2_partial_loss", "GRAD_MODES"]
 
@@ -272,9 +274,6 @@ class SphereFace2Head(ShardedClassifier):
         self.proxy_dtype = proxy_dtype
         self.master_weights = bool(master_weights)
         self.sample_rate, self.num_negatives = float(sample_rate), int(num_negatives)
-        self.row_optimizer = RowOptimizer() if fused_update else None
-        """lr / momentum / nesterov / weight_decay of the fused update (the trainer sets them,
-        and ``lr`` every step from the head's LR schedule)."""
         if fused_update:
             self.weight.requires_grad_(False)
             if master_weights:
@@ -282,8 +281,34 @@ class SphereFace2Head(ShardedClassifier):
             if proxy_dtype == "bf16":
                 self.weight.data = self.weight.data.to(torch.bfloat16)
             self.register_buffer("weight_momentum", torch.zeros_like(self.weight))  # [n, D], per row
+        self.row_optimizer = RowOptimizer() if fused_update else None
         if self.sampling:
             self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 104_729 + self.rank)
+
+    @property
+    def row_optimizer(self):
+        """The fused update's optimizer: :class:`RowOptimizer` (SGD: lr / momentum / nesterov /
+        weight_decay) or :class:`RowAdamW` (lr / betas / eps / weight_decay). The trainer sets it, and
+        ``lr`` every step from the head's LR schedule. Assigning a :class:`RowAdamW` registers its
+        per-row state (zeros) next to ``weight_momentum`` (its exp_avg): ``weight_exp_avg_sq`` [n, D]
+        (the storage dtype of the proxies, bf16 or fp32) and ``weight_step`` [n] int32 (the per-row
+        bias-correction count); all are checkpointed and re-sharded as rows. Assigning an SGD
+        optimizer drops them again. Assign before loading a checkpoint."""
+        return self._row_optimizer
+
+    @row_optimizer.setter
+    def row_optimizer(self, opt) -> None:
+        if opt is not None and not self.fused_update:
+            raise ValueError("row_optimizer needs fused_update=True")
+        self._row_optimizer = opt
+        if isinstance(opt, RowAdamW):
+            if not hasattr(self, "weight_exp_avg_sq"):
+                self.register_buffer("weight_exp_avg_sq", torch.zeros_like(self.weight_momentum))  # [n, D]
+                self.register_buffer(
+                    "weight_step", torch.zeros(self.num_local, dtype=torch.int32, device=self.weight.device)
+                )  # [n]
+        elif hasattr(self, "weight_exp_avg_sq"):
+            del self.weight_exp_avg_sq, self.weight_step
 
     def extra_repr(self) -> str:
         return (
@@ -298,6 +323,13 @@ class SphereFace2Head(ShardedClassifier):
         loaded = super().load_resharded(shards, optimizer, source)
         if hasattr(self, "weight_master") and "weight_master" not in loaded:
             self.weight_master.copy_(self.weight.float())
+        if hasattr(self, "weight_step") and "weight_step" not in loaded:
+            # no AdamW state saved (e.g. a fused-SGD run): its momentum is no exp_avg; start AdamW afresh
+            warnings.warn(
+                f"{source} has no fused AdamW state: exp_avg / exp_avg_sq / steps start at 0", stacklevel=2
+            )
+            for name in ("weight_momentum", "weight_exp_avg_sq", "weight_step"):
+                getattr(self, name).zero_()
         return loaded
 
     @property
@@ -325,6 +357,8 @@ class SphereFace2Head(ShardedClassifier):
             chunk_size=self.chunk_size,
             optimizer=self.row_optimizer,
             momentum=getattr(self, "weight_momentum", None),
+            exp_avg_sq=getattr(self, "weight_exp_avg_sq", None),
+            row_step=getattr(self, "weight_step", None),
             master=getattr(self, "weight_master", None),
             do_update=do_update,
             # identical on every rank (gathered batch, replicated bias): all skip together

@@ -69,8 +69,9 @@ class SphereFace2Config:
     chunk_size: int = 0
     """Classes per chunk of the fused single-pass loss (0 = automatic from a ~1-2 MB budget)."""
     fused_update: bool = False
-    """Update the class proxies inside the head's pass (SGD with train.momentum / nesterov and the
-    head weight decay and LR schedule): no [n, D] gradient. Needs train.optimizer=sgd, grad_accum=1."""
+    """Update the class proxies inside the head's pass (train.optimizer: SGD with train.momentum /
+    nesterov, or AdamW with train.betas; the head weight decay and LR schedule): no [n, D] gradient.
+    Needs grad_accum=1. With negative sampling the update is lazy (unused rows keep their state)."""
     proxy_dtype: str = "fp32"
     """Storage of proxies and their momentum: fp32 | bf16 (compute stays fp32; needs fused_update)."""
     master_weights: bool = False

@@ -22,7 +22,7 @@ import torch
 
 from fr_dist import comm
 from fr_dist.heads import create_head
-from fr_dist.heads.sf2_fused import RowOptimizer
+from fr_dist.heads.sf2_fused import RowAdamW, RowOptimizer
 from fr_dist.models import build_backbone
 from fr_dist.runtime import DistEnv
 from fr_dist.signals import StopSignals, signal_name
@@ -86,14 +86,18 @@ class Trainer:
         if getattr(self.head, "row_optimizer", None) is not None:
             # SphereFace2 fused update: the head updates its own rows (requires_grad=False, so not in
             # opt_head, which keeps the bias); the LR follows the head schedule (set every step)
-            if t.optimizer != "sgd" or t.grad_accum != 1:
-                raise ValueError(
-                    "head.sphereface2.fused_update needs train.optimizer=sgd and train.grad_accum=1"
-                )
+            if t.grad_accum != 1:
+                raise ValueError("head.sphereface2.fused_update needs train.grad_accum=1")
             lr, wd = head_lr_wd(t)
-            self.head.row_optimizer = RowOptimizer(
-                lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=wd
-            )
+            if t.optimizer == "adamw":  # betas / eps exactly as opt_head's (build_optimizer's) AdamW
+                g = self.opt_head.param_groups[0]
+                self.head.row_optimizer = RowAdamW(
+                    lr=lr, betas=tuple(g["betas"]), eps=g["eps"], weight_decay=wd
+                )
+            else:
+                self.head.row_optimizer = RowOptimizer(
+                    lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=wd
+                )
         opt_bb = build_backbone_optimizer(backbone, t)
         if self.dims.engine == "deepspeed":
             self.bb = apply_deepspeed(

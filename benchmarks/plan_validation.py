@@ -134,12 +134,12 @@ def validation(pfc_impl: str = "v2") -> dict:
 
 CAPACITY_SETTINGS = [
     (
-        "SphereFace2 16-bit proxies+momentum, fused update",
+        "SphereFace2 16-bit proxies+momentum, fused update (16-bit GEMMs under autocast)",
         dict(head="sphereface2", proxy_dtype="bf16", fused_update=True),
     ),
     (
-        "SphereFace2 16-bit, fused update, 16-bit GEMMs (--head-compute)",
-        dict(head="sphereface2", proxy_dtype="bf16", fused_update=True, head_compute="bf16"),
+        "SphereFace2 16-bit, fused update, fp32 GEMMs (--no-head-amp)",
+        dict(head="sphereface2", proxy_dtype="bf16", fused_update=True, head_amp=False),
     ),
     (
         "SphereFace2 16-bit, fused update, sample rate 0.1",
@@ -161,9 +161,8 @@ def capacity() -> dict:
         for label, kw in CAPACITY_SETTINGS:
             cfg = dataclasses.replace(PlanConfig(batch=128, backbone="iresnet50", amp="fp16"), **kw)
             if hw_name == "v100-32gb" and cfg.proxy_dtype == "bf16":  # V100: fp16 tensor cores, no bf16
-                cfg = dataclasses.replace(
-                    cfg, proxy_dtype="fp16", head_compute=cfg.head_compute.replace("bf16", "fp16")
-                )
+                head_compute = "fp16" if cfg.head_amp else "fp32"
+                cfg = dataclasses.replace(cfg, proxy_dtype="fp16", head_compute=head_compute)
             r = plan(dataclasses.replace(cfg, identities=max_identities(cfg, hw)), hw)
             rows.append(
                 dict(

@@ -28,7 +28,8 @@ Step time model (per step, busiest rank; terms summed, no overlap assumed):
 
 * classifier GEMMs 6 N S D FLOPs / (peak x efficiency); backbone 3 x forward FLOPs / (peak x efficiency);
 * row traffic: passes over the shard's rows outside the GEMMs (norms, gradient, optimizer: OPT_PASSES,
-  PFC_ROW_PASSES, ...) in bytes / stream bandwidth; the fused SphereFace2 update's in-cache row ops;
+  PFC_ROW_PASSES, ...) in bytes / stream bandwidth; the fused SphereFace2 update's row ops on the chunk
+  (CPU; at the cached rate when the chunk's [c, D] rows fit ``cache_bytes``);
 * logit elementwise: the ops per element of the [N, S] block, counted from the implementations
   (SF2_LOGIT_OPS, PFC_LOGIT_OPS): one HBM read + write each on a GPU; on a CPU simple ops and each
   transcendental function at their measured rates;
@@ -109,6 +110,7 @@ class Hardware:
         None  # simple vectorised op (mul, add, compare, sum) over a block, 1e9 elements/s
     )
     cached_elementwise_gelems: float | None = None  # the same on a block that stays in cache (a chunk), 1e9/s
+    cache_bytes: int = 2 * (1 << 20)  # a chunk's [c, D] rows or [N, c] block up to this size stays in cache
     transcendental_gelems: dict | None = None  # {"exp", "softplus", "sigmoid"}: 1e9 elements/s
     fresh_alloc_gbps: float | None = None  # first touch + release of a freshly mapped block, GB/s
     fresh_alloc_min_bytes: int = 32 * (1 << 20)  # allocations at least this large are mapped afresh each time
@@ -319,11 +321,12 @@ class PlanConfig:
     fp32_master: bool = False
     optimizer: str = "sgd"
     amp: str = "fp16"  # backbone autocast dtype (none | fp16 | bf16)
-    head_amp: bool = True  # Partial FC GEMM under the backbone's autocast dtype (insightface fp16=True does)
+    # the head's GEMMs under autocast: Partial FC in the backbone's amp dtype (insightface fp16=True does),
+    # SphereFace2 in bf16 (fr_dist's head.dtype=bf16: the fused pass takes bf16 GEMM operands, fp32 math)
+    head_amp: bool = True
     backbone: str = "iresnet50"
     pfc_impl: str = "v2"
-    # dtype of the head's GEMMs: auto = fp32 for SphereFace2 (fr_dist's fused chunk upcasts bf16 proxies and
-    # computes in fp32), the autocast dtype for Partial FC with head_amp; or fp32 | bf16 | fp16 explicitly.
+    # dtype of the head's GEMMs: auto = as head_amp says (fp32 without it); or fp32 | bf16 | fp16 explicitly.
     head_compute: str = "auto"
     ddp_bucket_copy: bool = True  # DDP gradient buckets are a separate copy (gradient_as_bucket_view=False)
 
@@ -516,11 +519,9 @@ def _latency(cfg: PlanConfig, hw: Hardware) -> float:
 def _head_dtype(cfg: PlanConfig) -> str:
     if cfg.head_compute != "auto":
         return cfg.head_compute
-    if cfg.head == "sphereface2":
+    if not cfg.head_amp or cfg.amp == "none":
         return "fp32"
-    if cfg.head_amp and cfg.amp != "none":
-        return cfg.amp
-    return "fp32"
+    return "bf16" if cfg.head == "sphereface2" else cfg.amp
 
 
 # Work outside the GEMMs, counted from the implementations (per step, busiest rank). Row passes are reads
@@ -642,11 +643,15 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
         logit_ops = PFC_LOGIT_OPS[cfg.pfc_impl]
         ops = PFC_OPS_PER_STEP
     t["row_traffic"] = row_bytes / stream
-    in_cache = cfg.head == "sphereface2" and cfg.fused_update and hw.elementwise_gelems
+    # the SphereFace2 chunk's rows [c, D] and its [N, c] temporaries stay in cache when they fit
+    c = max(1, min(cfg.chunk_size, S))
+    rows_cached = c * D * 4 <= hw.cache_bytes
+    block_cached = cfg.head == "sphereface2" and N * c * 4 <= hw.cache_bytes
+    in_pass = cfg.head == "sphereface2" and cfg.fused_update and hw.elementwise_gelems
     t["row_elementwise"] = (
-        _elementwise_seconds({"simple": row_ops}, S * D, hw, cached=True) if in_cache else 0.0
+        _elementwise_seconds({"simple": row_ops}, S * D, hw, cached=rows_cached) if in_pass else 0.0
     )
-    t["logit_elementwise"] = _elementwise_seconds(logit_ops, N * S, hw, cached=cfg.head == "sphereface2")
+    t["logit_elementwise"] = _elementwise_seconds(logit_ops, N * S, hw, cached=block_cached)
     fresh = sum(b for b in step_allocations(cfg) if b >= hw.fresh_alloc_min_bytes)
     t["fresh_allocation"] = fresh / (hw.fresh_alloc_gbps * 1e9) if hw.fresh_alloc_gbps else 0.0
     t["op_overhead"] = ops * hw.op_overhead_s
@@ -980,12 +985,19 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="fp16", help="backbone autocast")
     p.add_argument("--backbone", default="iresnet50", help="registry name, or 'none' for the head alone")
+    p.add_argument(
+        "--no-head-amp",
+        dest="head_amp",
+        action="store_false",
+        default=True,
+        help="head GEMMs in fp32 (default: under autocast: Partial FC in the amp dtype, SphereFace2 in bf16)",
+    )
     p.add_argument("--pfc-impl", choices=PFC_IMPLS, default="v2", help="Partial FC buffer model")
     p.add_argument(
         "--head-compute",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
-        help="dtype of the head GEMMs (auto: fp32 for SphereFace2 as fr_dist computes, amp dtype for Partial FC)",
+        help="dtype of the head GEMMs (auto: see --no-head-amp)",
     )
     p.add_argument("--hardware", default="h100-80gb", help=f"{sorted(HARDWARE) + ['cpu']} or a YAML file")
     p.add_argument(
@@ -1012,6 +1024,7 @@ def config_from_args(a) -> PlanConfig:
         backbone=a.backbone,
         pfc_impl=a.pfc_impl,
         head_compute=a.head_compute,
+        head_amp=a.head_amp,
     )
 
 

@@ -196,6 +196,9 @@ class FusedPlan:
     index: Optional[torch.Tensor] = None  # [S] sorted shard rows used this step (sampling)
     col_weight: Optional[torch.Tensor] = None  # [S] 1 / inclusion probability of each used row
     do_update: bool = False  # run the fused update this call (training step with grad enabled)
+    # GEMM operand dtype (the caller's autocast dtype, e.g. bf16): the three GEMMs take operands in it,
+    # as a Linear under autocast would; the chunk math, gradients and update stay fp32. None = fp32.
+    mm_dtype: Optional[torch.dtype] = None
     update_ok: bool = True  # False: skip the fused update (non-finite inputs)
 
 
@@ -260,6 +263,9 @@ class _FusedSF2(torch.autograd.Function):
             grad_w = alloc(W.shape, dtype=cdt, device=dev)
         grad_x = torch.zeros(N, D, dtype=cdt, device=dev) if need_x else None
         xh_a = xh * alpha if need_grads else None  # [N, D]: alpha folded into GEMM 2
+        mm = plan.mm_dtype if plan.mm_dtype not in (None, cdt) else None
+        xh_mm = xh.to(mm) if mm is not None else xh  # [N, D] GEMM operands
+        xh_a_mm = xh_a.to(mm) if mm is not None and xh_a is not None else xh_a
 
         # target entries: row i of the batch, its column in the (possibly sampled) row list
         pos_rows = (target_col >= 0).nonzero().reshape(-1)  # [P]
@@ -285,9 +291,10 @@ class _FusedSF2(torch.autograd.Function):
             else:
                 wc = src[lo:hi]  # a view: normalised and updated in place
             wc.div_(torch.linalg.vector_norm(wc, dim=1, keepdim=True).clamp_min_(1e-12))
+            wc_mm = wc.to(mm) if mm is not None else wc  # [c, D] GEMM operand
             # ---- GEMM 1 and the binary terms of the negatives
             u = buf_q[: N * c].view(N, c)
-            torch.mm(xh, wc.t(), out=u)  # cos [N, c]
+            _mm_into(u, xh_mm, wc_mm.t())  # cos [N, c]
             sel = (pos_cols >= lo) & (pos_cols < hi)
             pr, pc = pos_rows[sel], pos_cols[sel] - lo  # [p] rows / chunk columns of targets
             cos_t = u[pr, pc].clone()  # [p]
@@ -326,11 +333,15 @@ class _FusedSF2(torch.autograd.Function):
             if cw is not None:
                 u.mul_(cw)  # 1/p on sampled negatives' columns (1 on positive classes)
             # ---- GEMMs 2 and 3
+            u_mm = u.to(mm) if mm is not None else u  # [N, c] GEMM operand
             if grad_x is not None:
-                grad_x.addmm_(u, wc)  # [N, D] += [N, c] @ [c, D]
+                if mm is None:
+                    grad_x.addmm_(u, wc)  # [N, D] += [N, c] @ [c, D]
+                else:
+                    grad_x.add_(torch.mm(u_mm, wc_mm))  # fp32 [N, D] += ([N, c] @ [c, D] in mm)
             if fused:
                 g = g_tmp[:c]
-                torch.mm(u.t(), xh_a, out=g)  # dL/dW_used [c, D]
+                _mm_into(g, u_mm.t(), xh_a_mm)  # dL/dW_used [c, D]
                 if plan.update_ok:
                     sb = []  # the chunk's state rows: views of the storage or filled temporaries
                     for st, tmp in states:
@@ -345,9 +356,9 @@ class _FusedSF2(torch.autograd.Function):
                             _write_rows(st, lo, hi, ridx, b_)
             elif grad_w is not None:
                 if ridx is None:
-                    torch.mm(u.t(), xh_a, out=grad_w[lo:hi])
+                    _mm_into(grad_w[lo:hi], u_mm.t(), xh_a_mm)  # [c, D]
                 else:
-                    torch.mm(u.t(), xh_a, out=g_tmp[:c])
+                    _mm_into(g_tmp[:c], u_mm.t(), xh_a_mm)  # [c, D]
                     grad_w.index_copy_(0, ridx, g_tmp[:c])
             # ---- write the chunk's rows back where they are not a view of the storage
             if plan.master is not None:
@@ -377,6 +388,14 @@ class _FusedSF2(torch.autograd.Function):
             gw = (gw if one else gw * go.to(gw.dtype)).to(ctx.w_dtype)
         g_b = (gb * go.to(gb.dtype)).reshape(1).to(ctx.b_dtype)
         return gx, gw, g_b, None, None
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b: in place when the operands have out's dtype, else a GEMM in theirs, then cast."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
 
 
 def _write_rows(dst: torch.Tensor, lo: int, hi: int, ridx: Optional[torch.Tensor], src: torch.Tensor) -> None:

@@ -228,8 +228,17 @@ def test_step_time_host_terms_by_hand():
     assert ts["logit_elementwise"] == pytest.approx(N * n * (5 / 1e9 + 1 / 0.25e9 + 1 / 2e9))
     assert ts["fresh_allocation"] == 0 and P.step_allocations(sf) == []
     assert ts["op_overhead"] == pytest.approx(30 * 334 * 1e-5)  # ceil(1e6 / 3000) chunks
-    # in-cache row ops: norm, divide, 3 SGD ops, bf16 rows and momentum converted in and out
-    assert ts["row_elementwise"] == pytest.approx(n * D * (5 + 4) / 1e9)
+    # row ops on the chunk: norm, divide, 3 SGD ops, bf16 rows and momentum converted in and out; the
+    # cached rate applies when the chunk's fp32 rows fit the cache (3000 x 32 x 4 B = 375 KiB <= 2 MiB)
+    assert ts["row_elementwise"] == pytest.approx(n * D * (5 + 4) / 1e9)  # no cached rate: the plain one
+    cached = dataclasses.replace(cpu, cached_elementwise_gelems=4.0)
+    assert P.step_time(sf, cached)["row_elementwise"] == pytest.approx(n * D * (5 + 4) / 4e9)
+    assert P.step_time(sf, cached)["logit_elementwise"] == pytest.approx(
+        N * n * (5 / 4e9 + 1 / 0.25e9 + 1 / 2e9)  # [16, 3000] fp32 = 188 KiB: cached
+    )
+    small = dataclasses.replace(cached, cache_bytes=100_000)  # neither the rows nor the block fit
+    assert P.step_time(sf, small)["row_elementwise"] == pytest.approx(n * D * (5 + 4) / 1e9)
+    assert P.step_time(sf, small)["logit_elementwise"] == pytest.approx(ts["logit_elementwise"])
     assert P.step_time(sf, HW)["row_elementwise"] == 0  # GPU profile: hidden under the row passes
     # unfused: norm, divide, gradient written + SGD over all rows; the fp32 gradient and its bf16 cast
     tu = P.step_time(dataclasses.replace(sf, fused_update=False), cpu)
@@ -245,10 +254,16 @@ def test_step_time_host_terms_by_hand():
 def test_head_compute_dtype():
     c = cfg(identities=100_000, batch=8, dim=32, head="sphereface2", proxy_dtype="bf16", amp="bf16")
     gemm = 6 * 16 * 50_000 * 32
-    # fr_dist's fused SphereFace2 upcasts bf16 proxies per chunk and multiplies in fp32
-    assert P.step_time(c, HW)["classifier_compute"] == pytest.approx(gemm / 1e12)
-    fast = P.step_time(dataclasses.replace(c, head_compute="bf16"), HW)
-    assert fast["classifier_compute"] == pytest.approx(gemm / 4e12)
+    # under autocast (head.dtype=bf16) the fused SphereFace2 pass takes bf16 GEMM operands
+    assert P.step_time(c, HW)["classifier_compute"] == pytest.approx(gemm / 4e12)
+    fp16_amp = P.step_time(dataclasses.replace(c, amp="fp16"), HW)  # fr_dist's head autocast is bf16
+    assert fp16_amp["classifier_compute"] == pytest.approx(gemm / 4e12)
+    # without it the chunk upcasts bf16 proxies and multiplies in fp32
+    slow = P.step_time(dataclasses.replace(c, head_amp=False), HW)
+    assert slow["classifier_compute"] == pytest.approx(gemm / 1e12)
+    assert P.step_time(dataclasses.replace(c, head_compute="fp32"), HW)[
+        "classifier_compute"
+    ] == pytest.approx(gemm / 1e12)
 
 
 def test_softmax_share_point_found_for_the_head_alone():

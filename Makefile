@@ -1,7 +1,7 @@
 # fr_dist: `make demo` (set up + 2-rank CPU training on the synthetic RecordIO set), `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,deepspeed,dali
+EXTRAS ?= test,deepspeed,dali,triton
 NPROC ?= 2
 DEMO_CONFIG ?= configs/demo_cpu.yaml
 DEMO_ARGS ?=

@@ -20,7 +20,8 @@
 #              against `fr-dist plan` at that K; capacity_sf2_best: SphereFace2 with bf16 proxies
 #              and the fused update
 #   heads_*    classifier.py variants, run only when its --help lists the flag: SphereFace2 bf16
-#              proxies and fused update (--sf2-opt), chunked Partial FC (--pfc-chunks), a dtype
+#              proxies and fused update (--sf2-opt), the fused chunk with torch ops instead of its
+#              Triton kernel (kernel=eager), chunked Partial FC (--pfc-chunks), a dtype
 #              flag, --compile (torch.compile / Triton); otherwise reported as skipped
 #   summary    a table on stdout + summary.json
 #
@@ -224,6 +225,10 @@ fi
 if has_flag "--fused-update"; then heads_variant fused 40 --heads sphereface2 --fused-update
 elif has_flag "--sf2-opt"; then heads_variant sf2_fused 40 --heads sphereface2 --sf2-opt fused_update=True
 else skip heads_fused "classifier.py has no fused-update option"
+fi
+if has_flag "--sf2-opt"; then  # the chunk's elementwise part in torch ops (the default on CUDA: one Triton kernel)
+    heads_variant sf2_fused_eager 40 --heads sphereface2 --sf2-opt fused_update=True --sf2-opt kernel=eager
+else skip heads_sf2_fused_eager "classifier.py has no --sf2-opt"
 fi
 if has_flag "--pfc-chunks"; then heads_variant pfc_chunked 40 --heads partial_fc --pfc-chunks 65536
 else skip heads_pfc_chunked "classifier.py has no --pfc-chunks"

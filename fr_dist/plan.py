@@ -100,6 +100,7 @@ class Hardware:
     conv_efficiency: float = 0.19
     elementwise_efficiency: float = 0.8  # achieved / peak HBM bandwidth on streaming kernels
     source: str = ""
+    device: str = "cuda"  # torch device type the head runs on (its automatic chunk size depends on it)
     # Host / kernel costs outside the FLOP and byte counts. GPUs: every elementwise op is one HBM read +
     # write pass (the None defaults below), the caching allocator hands memory back untouched, and each
     # eager op costs a launch. CPUs (measured by ``--measure``): vectorised ops and transcendental functions
@@ -199,6 +200,7 @@ CPU_DEFAULT = Hardware(
     conv_efficiency=0.5,
     elementwise_efficiency=1.0,
     source="defaults; run `fr-dist plan --measure` to time a GEMM and gloo collectives here",
+    device="cpu",
     op_overhead_s=5e-6,
     elementwise_gelems=2.5,
     cached_elementwise_gelems=5.0,
@@ -315,7 +317,9 @@ class PlanConfig:
     batch: int = 128  # per GPU
     head: str = "sphereface2"
     sample_rate: float = 1.0
-    chunk_size: int = 8192
+    chunk_size: int = (
+        0  # SphereFace2 classes per chunk; 0 = as the head picks it (auto_chunk_size, per device)
+    )
     proxy_dtype: str = "bf16"  # sphereface2 storage of proxies + momentum (Partial FC: always fp32)
     fused_update: bool = True
     fp32_master: bool = False
@@ -328,6 +332,9 @@ class PlanConfig:
     pfc_impl: str = "v2"
     # dtype of the head's GEMMs: auto = as head_amp says (fp32 without it); or fp32 | bf16 | fp16 explicitly.
     head_compute: str = "auto"
+    # the fused SphereFace2 chunk's elementwise part: auto = the Triton kernel on a GPU profile (fr_dist's
+    # kernel=auto on CUDA), torch ops on the cpu profile; or eager | triton
+    sf2_kernel: str = "auto"
     ddp_bucket_copy: bool = True  # DDP gradient buckets are a separate copy (gradient_as_bucket_view=False)
 
     @property
@@ -345,11 +352,15 @@ class PlanConfig:
             raise ValueError(f"optimizer must be sgd|adamw, got {self.optimizer!r}")
         if self.head_compute not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"head compute must be auto|fp32|bf16|fp16, got {self.head_compute!r}")
+        if self.sf2_kernel not in ("auto", "eager", "triton"):
+            raise ValueError(f"sf2 kernel must be auto|eager|triton, got {self.sf2_kernel!r}")
         if self.pfc_impl not in PFC_IMPLS:
             raise ValueError(f"pfc_impl must be one of {PFC_IMPLS}, got {self.pfc_impl!r}")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
-        for k in ("identities", "dim", "gpus_per_node", "nodes", "batch", "chunk_size"):
+        if int(self.chunk_size) < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0 = automatic), got {self.chunk_size}")
+        for k in ("identities", "dim", "gpus_per_node", "nodes", "batch"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
 
@@ -429,6 +440,16 @@ def activation_bytes(cfg: PlanConfig) -> int:
     return int(per * cfg.batch * (0.5 if cfg.amp in ("fp16", "bf16") else 1.0))
 
 
+def sf2_chunk(cfg: PlanConfig, hw: Hardware, cols: int) -> int:
+    """SphereFace2 classes per chunk over ``cols`` classes: the configured size, or (0) the one the head
+    picks on the profile's device (fr_dist.heads.sf2_fused.auto_chunk_size)."""
+    if cfg.chunk_size:
+        return max(1, min(cfg.chunk_size, cols))
+    from fr_dist.heads.sf2_fused import auto_chunk_size
+
+    return auto_chunk_size(cfg.world * cfg.batch, max(cols, 1), cfg.dim, 4, hw.device)
+
+
 def memory_breakdown(cfg: PlanConfig, hw: Hardware) -> dict:
     """Bytes per GPU by item, with ``total``, at the step's peak (head forward-backward over live
     backbone activations)."""
@@ -439,7 +460,7 @@ def memory_breakdown(cfg: PlanConfig, hw: Hardware) -> dict:
     m: dict[str, int] = {}
     if cfg.head == "sphereface2":
         p = DTYPE_BYTES[cfg.proxy_dtype]
-        c = min(cfg.chunk_size, n)
+        c = sf2_chunk(cfg, hw, n)
         m["proxies"] = n * D * p
         m["optimizer_state"] = n * D * p * (2 if cfg.optimizer == "adamw" else 1)
         if cfg.optimizer == "adamw" and cfg.fused_update:
@@ -539,6 +560,10 @@ SF2_LOGIT_OPS = {"simple": 5, "softplus": 1, "sigmoid": 1}
 # ... and the torch ops it dispatches per chunk (norm, div, mm, indexing of the targets, pow, addcmul,
 # softplus, sums, sigmoid, the two gradient GEMMs, the fused update's 3-4 ops): about 30.
 SF2_OPS_PER_CHUNK = 30
+# with the Triton kernel (fr_dist.heads.sf2_triton) the elementwise part is one read + write of the block
+# and one launch instead of ~8 ops
+SF2_LOGIT_OPS_TRITON = {"simple": 1}
+SF2_OPS_PER_CHUNK_TRITON = 23
 # fr_dist.heads.softmax._FusedMarginSoftmax (chunk None): * inv_norm, amax, amin, * s, amax, - max, sum,
 # * row scale, * column scale, cos * g, sum over rows; exp. insightface PartialFC_V2 + DistCrossEntropy
 # (autocast): cast, clamp, * s, max, - max, sum, / sum, / N, * grad, and the backward of * s, clamp (2),
@@ -630,8 +655,10 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
             row_ops = SF2_FUSED_ROW_OPS[cfg.optimizer] + (2 * (1 + states) if p != 4 else 0)
         else:
             row_bytes = n * D * p * (4 + opt)
-        logit_ops = SF2_LOGIT_OPS
-        ops = SF2_OPS_PER_CHUNK * math.ceil(S / max(1, min(cfg.chunk_size, S)))
+        triton = cfg.sf2_kernel == "triton" or (cfg.sf2_kernel == "auto" and hw.elementwise_gelems is None)
+        logit_ops = SF2_LOGIT_OPS_TRITON if triton else SF2_LOGIT_OPS
+        per_chunk = SF2_OPS_PER_CHUNK_TRITON if triton else SF2_OPS_PER_CHUNK
+        ops = per_chunk * math.ceil(S / sf2_chunk(cfg, hw, S))
     else:
         if S < n:
             over_n, over_s = PFC_ROW_PASSES[cfg.pfc_impl]
@@ -644,7 +671,7 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
         ops = PFC_OPS_PER_STEP
     t["row_traffic"] = row_bytes / stream
     # the SphereFace2 chunk's rows [c, D] and its [N, c] temporaries stay in cache when they fit
-    c = max(1, min(cfg.chunk_size, S))
+    c = sf2_chunk(cfg, hw, S) if cfg.head == "sphereface2" else S
     rows_cached = c * D * 4 <= hw.cache_bytes
     block_cached = cfg.head == "sphereface2" and N * c * 4 <= hw.cache_bytes
     in_pass = cfg.head == "sphereface2" and cfg.fused_update and hw.elementwise_gelems
@@ -975,7 +1002,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=128, help="images per GPU per step")
     p.add_argument("--head", choices=HEADS, default="sphereface2")
     p.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC negative-class sample rate")
-    p.add_argument("--chunk-size", type=int, default=8192, help="SphereFace2 classes per chunk")
+    p.add_argument(
+        "--chunk-size", type=int, default=0, help="SphereFace2 classes per chunk (0: as the head picks)"
+    )
     p.add_argument(
         "--proxy-dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="SphereFace2 proxy storage"
     )
@@ -998,6 +1027,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
         help="dtype of the head GEMMs (auto: see --no-head-amp)",
+    )
+    p.add_argument(
+        "--sf2-kernel",
+        choices=("auto", "eager", "triton"),
+        default="auto",
+        help="SphereFace2 chunk's elementwise part (auto: the Triton kernel on GPU profiles, torch ops on cpu)",
     )
     p.add_argument("--hardware", default="h100-80gb", help=f"{sorted(HARDWARE) + ['cpu']} or a YAML file")
     p.add_argument(
@@ -1025,6 +1060,7 @@ def config_from_args(a) -> PlanConfig:
         pfc_impl=a.pfc_impl,
         head_compute=a.head_compute,
         head_amp=a.head_amp,
+        sf2_kernel=a.sf2_kernel,
     )
 
 

@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from fr_dist.heads import sf2_triton
 from fr_dist.heads.margins import (
     _COS_EPS,
     _THETA_MAX,
@@ -59,13 +60,23 @@ __all__ = [
 # the core's L2 across GEMMs 1 and 3 and the update; 2 MB measured best on the 1 MB-L2 EPYC here).
 CHUNK_BUDGET_BYTES = 1 << 20
 ROWS_BUDGET_BYTES = 2 << 20
+# On a GPU a chunk costs ~20-30 kernel launches (~5 us each): small chunks make the loop launch-bound
+# (at N = 1024 the 1 MB CPU budget gives 256 classes, i.e. ~49,000 chunks for 12.5M classes a GPU), so
+# the [N, chunk] temporary gets 64 MiB there: 16,384 classes at N = 1024, still ~1/800 of the block.
+CUDA_CHUNK_BUDGET_BYTES = 64 << 20
 
 
-def auto_chunk_size(num_rows: int, num_cols: int, dim: int, elem_bytes: int = 4) -> int:
-    """Classes per chunk from the two byte budgets (>= 16, <= num_cols)."""
-    c = min(
-        CHUNK_BUDGET_BYTES // max(1, num_rows * elem_bytes), ROWS_BUDGET_BYTES // max(1, dim * elem_bytes)
-    )
+def auto_chunk_size(
+    num_rows: int, num_cols: int, dim: int, elem_bytes: int = 4, device_type: str = "cpu"
+) -> int:
+    """Classes per chunk from the byte budgets of ``device_type`` (>= 16, <= num_cols)."""
+    if device_type == "cuda":
+        c = CUDA_CHUNK_BUDGET_BYTES // max(1, num_rows * elem_bytes)
+        c = c // 64 * 64 if c >= 64 else c  # whole GEMM tiles
+    else:
+        c = min(
+            CHUNK_BUDGET_BYTES // max(1, num_rows * elem_bytes), ROWS_BUDGET_BYTES // max(1, dim * elem_bytes)
+        )
     return max(1, min(max(16, c), num_cols))
 
 
@@ -199,6 +210,9 @@ class FusedPlan:
     # GEMM operand dtype (the caller's autocast dtype, e.g. bf16): the three GEMMs take operands in it,
     # as a Linear under autocast would; the chunk math, gradients and update stay fp32. None = fp32.
     mm_dtype: Optional[torch.dtype] = None
+    # the chunk's elementwise part: "eager" (torch ops) or "triton" (one kernel, fr_dist.heads.sf2_triton;
+    # fp32 only, fp64 stays eager)
+    kernel: str = "eager"
     update_ok: bool = True  # False: skip the fused update (non-finite inputs)
 
 
@@ -234,11 +248,14 @@ class _FusedSF2(torch.autograd.Function):
         clip = plan.margin != "C"
         lo_u, hi_u = (-1.0 + _COS_EPS) + 1.0, (1.0 - _COS_EPS) + 1.0
 
-        csize = plan.chunk_size or auto_chunk_size(N, rows_total, D, torch.finfo(cdt).bits // 8)
+        csize = plan.chunk_size or auto_chunk_size(N, rows_total, D, torch.finfo(cdt).bits // 8, dev.type)
         csize = max(1, min(csize, max(rows_total, 1)))
+        # the Triton kernel (fp32) does the elementwise part in one pass over the cosine buffer
+        use_triton = plan.kernel == "triton" and cdt == torch.float32
         buf_q = torch.empty(N * csize, dtype=cdt, device=dev)
-        buf_p = torch.empty(N * csize, dtype=cdt, device=dev)
-        buf_s = torch.empty(N * csize, dtype=cdt, device=dev)
+        buf_p = None if use_triton else torch.empty(N * csize, dtype=cdt, device=dev)
+        buf_s = None if use_triton else torch.empty(N * csize, dtype=cdt, device=dev)
+        tcol_buf = torch.empty(N, dtype=torch.int32, device=dev) if use_triton else None
         convert = W.dtype != cdt or plan.index is not None
         w_tmp = torch.empty(csize, D, dtype=cdt, device=dev) if convert and plan.master is None else None
         g_tmp = None
@@ -298,22 +315,41 @@ class _FusedSF2(torch.autograd.Function):
             sel = (pos_cols >= lo) & (pos_cols < hi)
             pr, pc = pos_rows[sel], pos_cols[sel] - lo  # [p] rows / chunk columns of targets
             cos_t = u[pr, pc].clone()  # [p]
-            if clip:
-                u.add_(1.0).clamp_(lo_u, hi_u)
-            else:
-                u.add_(1.0)
-            sp = buf_p[: N * c].view(N, c)
-            torch.pow(u, t - 1.0, out=sp)  # u^(t-1); also (t/2^(t-1)) u^(t-1) = g'(c)
-            mask = ((u > lo_u) & (u < hi_u)) if (clip and exact) else None
-            torch.addcmul(torch.tensor(z0, dtype=cdt), u, sp, value=k_z, out=u)  # z [N, c]
-            spl = buf_s[: N * c].view(N, c)
-            _softplus_out(u, spl)
-            spl[pr, pc] = 0.0  # targets are not negatives
             cw = None if plan.col_weight is None else plan.col_weight[lo:hi].to(cdt)  # [c]
-            loss_acc += w_neg * (spl.sum() if cw is None else spl.sum(0) @ cw).double()
-            u.sigmoid_()  # Q = sigmoid(z) = dL/dz / w_neg
-            u[pr, pc] = 0.0
-            gb_acc += w_neg * (u.sum() if cw is None else u.sum(0) @ cw).double()
+            if use_triton:  # one kernel: z, softplus, sigmoid, column sums, dL/dz in place
+                tcol = tcol_buf.fill_(-1)
+                tcol[pr] = pc.to(tcol.dtype)  # [N] the target's column in this chunk, -1 = none
+                col_sp, col_q = sf2_triton.negative_terms_(
+                    u,
+                    tcol,
+                    cw,
+                    k_z=k_z,
+                    z0=z0,
+                    t=t,
+                    clip=clip,
+                    lo_u=lo_u,
+                    hi_u=hi_u,
+                    exact=exact,
+                    grads=need_grads,
+                )  # [c], [c]
+                loss_acc += w_neg * (col_sp.sum() if cw is None else col_sp @ cw).double()
+                gb_acc += w_neg * (col_q.sum() if cw is None else col_q @ cw).double()
+            else:
+                if clip:
+                    u.add_(1.0).clamp_(lo_u, hi_u)
+                else:
+                    u.add_(1.0)
+                sp = buf_p[: N * c].view(N, c)
+                torch.pow(u, t - 1.0, out=sp)  # u^(t-1); also (t/2^(t-1)) u^(t-1) = g'(c)
+                mask = ((u > lo_u) & (u < hi_u)) if (clip and exact) else None
+                torch.addcmul(torch.tensor(z0, dtype=cdt), u, sp, value=k_z, out=u)  # z [N, c]
+                spl = buf_s[: N * c].view(N, c)
+                _softplus_out(u, spl)
+                spl[pr, pc] = 0.0  # targets are not negatives
+                loss_acc += w_neg * (spl.sum() if cw is None else spl.sum(0) @ cw).double()
+                u.sigmoid_()  # Q = sigmoid(z) = dL/dz / w_neg
+                u[pr, pc] = 0.0
+                gb_acc += w_neg * (u.sum() if cw is None else u.sum(0) @ cw).double()
             # ---- targets: full margin formula on [p] vectors
             if pr.numel():
                 is_t = torch.ones_like(cos_t, dtype=torch.bool)
@@ -323,14 +359,15 @@ class _FusedSF2(torch.autograd.Function):
                 gb_acc += dz_t.sum().double()
             if not need_grads:
                 continue  # evaluation: converted / gathered copies are not written back
-            if exact:
+            if exact and not use_triton:
                 u.mul_(sp)
                 if mask is not None:
                     u.mul_(mask)
             if pr.numel():
                 slope = sphereface2_target_slope(cos_t, plan.margin, plan.m, t) if exact else 1.0
-                u[pr, pc] = dz_t * plan.r * slope / alpha
-            if cw is not None:
+                val = dz_t * plan.r * slope / alpha  # [p]
+                u[pr, pc] = val * cw[pc] if (use_triton and cw is not None) else val
+            if cw is not None and not use_triton:
                 u.mul_(cw)  # 1/p on sampled negatives' columns (1 on positive classes)
             # ---- GEMMs 2 and 3
             u_mm = u.to(mm) if mm is not None else u  # [N, c] GEMM operand

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fr_dist import comm
+from fr_dist.heads import sf2_triton
 from fr_dist.heads.base import ShardedClassifier
 from fr_dist.heads.margins import (
     SPHEREFACE2_MARGINS,
@@ -58,6 +59,8 @@ def _check_hparams(margin: str, grad: str, lam: float) -> None:
 
 
 PROXY_DTYPES = ("fp32", "bf16")
+# the fused chunk's elementwise part: auto = the Triton kernel on CUDA when Triton is installed, else eager
+KERNELS = ("auto", "eager", "triton")
 
 
 def _check_fused_options(
@@ -235,8 +238,11 @@ class SphereFace2Head(ShardedClassifier):
         master_weights: bool = False,
         sample_rate: float = 1.0,
         num_negatives: int = 0,
+        kernel: str = "auto",
     ):
         _check_hparams(margin, grad, lam)
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
         _check_fused_options(
             fused, chunk_size, fused_update, proxy_dtype, master_weights, sample_rate, num_negatives
         )
@@ -274,6 +280,8 @@ class SphereFace2Head(ShardedClassifier):
         self.proxy_dtype = proxy_dtype
         self.master_weights = bool(master_weights)
         self.sample_rate, self.num_negatives = float(sample_rate), int(num_negatives)
+        self.kernel = kernel
+        """Elementwise part of the fused chunk: auto (Triton on CUDA when installed) | eager | triton."""
         if fused_update:
             self.weight.requires_grad_(False)
             if master_weights:
@@ -314,7 +322,8 @@ class SphereFace2Head(ShardedClassifier):
         return (
             super().extra_repr() + f", lam={self.lam}, r={self.r}, m={self.m}, t={self.t}, lw={self.lw}, "
             f"margin={self.margin}, grad={self.grad}, fused={self.fused}, fused_update={self.fused_update}, "
-            f"proxy_dtype={self.proxy_dtype}, sample_rate={self.sample_rate}, num_negatives={self.num_negatives}"
+            f"proxy_dtype={self.proxy_dtype}, sample_rate={self.sample_rate}, num_negatives={self.num_negatives}, "
+            f"kernel={self.kernel}"
         )
 
     @torch.no_grad()
@@ -364,6 +373,7 @@ class SphereFace2Head(ShardedClassifier):
             master=getattr(self, "weight_master", None),
             do_update=do_update,
             mm_dtype=mm_dtype,
+            kernel=self._chunk_kernel(x_hat.device),
             # identical on every rank (gathered batch, replicated bias): all skip together
             update_ok=not do_update
             or bool(torch.isfinite(x_hat.detach()).all() and torch.isfinite(self.bias.detach()).all()),
@@ -375,6 +385,18 @@ class SphereFace2Head(ShardedClassifier):
             )  # [S], [W*B] in [-1, S), [S]
         partial = sphereface2_fused_partial_loss(x_hat, self.weight, bias, target_col, plan)
         return comm.reduce_from_shards(partial, self.process_group, name="loss")  # 1-elem all-reduce
+
+    def _chunk_kernel(self, device: torch.device) -> str:
+        if self.kernel == "eager" or (self.kernel == "auto" and device.type != "cuda"):
+            return "eager"
+        if sf2_triton.available(device):
+            return "triton"
+        if self.kernel == "triton":
+            raise RuntimeError(
+                "kernel='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU): "
+                "pip install triton, or use kernel='eager'"
+            )
+        return "eager"
 
     def _loss_hparams(self) -> dict:
         """The loss hyper-parameters, as both loss paths take them."""

@@ -81,6 +81,9 @@ class SphereFace2Config:
     weighted by 1/p (unbiased). 1 = all classes."""
     num_negatives: int = 0
     """Negative sampling with a fixed number of negatives per rank (0 = off; exclusive with sample_rate)."""
+    kernel: str = "auto"
+    """Elementwise part of the fused chunk: auto (a Triton kernel on CUDA when triton is installed,
+    else torch ops) | eager | triton."""
 
 
 @dataclass
@@ -329,7 +332,7 @@ def all_choices() -> dict[str, tuple]:
     from fr_dist.heads import list_heads
     from fr_dist.heads.margins import SOFTMAX_MARGINS, SPHEREFACE2_MARGINS
     from fr_dist.heads.softmax import SOFTMAX_GRAD_MODES
-    from fr_dist.heads.sphereface2 import GRAD_MODES
+    from fr_dist.heads.sphereface2 import GRAD_MODES, KERNELS
     from fr_dist.train.optim import OPTIMIZERS
     from fr_dist.train.schedule import SCHEDULES
 
@@ -339,6 +342,7 @@ def all_choices() -> dict[str, tuple]:
             "head.name": tuple(list_heads()),
             "head.sphereface2.margin": tuple(SPHEREFACE2_MARGINS),
             "head.sphereface2.grad": tuple(GRAD_MODES),
+            "head.sphereface2.kernel": tuple(KERNELS),
             "head.partial_fc.margin": tuple(SOFTMAX_MARGINS),
             "head.partial_fc.grad": tuple(SOFTMAX_GRAD_MODES),
             "train.optimizer": tuple(OPTIMIZERS),

@@ -34,7 +34,7 @@ HW = P.Hardware(
 
 
 def cfg(**kw) -> P.PlanConfig:
-    base = dict(gpus_per_node=2, nodes=1, backbone="none", amp="none", ddp_bucket_copy=False)
+    base = dict(gpus_per_node=2, nodes=1, backbone="none", amp="none", ddp_bucket_copy=False, chunk_size=8192)
     base.update(kw)
     return P.PlanConfig(**base)
 
@@ -159,6 +159,23 @@ def test_backbone_terms_by_hand():
     assert adam["backbone_optimizer"] == 2 * params * 4
 
 
+def test_automatic_chunk_is_the_heads():
+    """chunk_size 0 plans the chunk the head picks on the profile's device (auto_chunk_size)."""
+    from fr_dist.heads.sf2_fused import auto_chunk_size
+
+    c = cfg(identities=100_000_000, batch=128, dim=512, gpus_per_node=8, head="sphereface2", chunk_size=0)
+    n, N = 12_500_000, 1024
+    gpu = P.memory_breakdown(c, HW)
+    assert P.sf2_chunk(c, HW, n) == auto_chunk_size(N, n, 512, 4, "cuda") == 16_384
+    assert gpu["logit_block"] == 16_384 * (P.SF2_LOGIT_BUFFERS * N * 4 + P.SF2_CHUNK_ROWS * 512 * 4)
+    cpu = dataclasses.replace(HW, device="cpu")
+    assert P.sf2_chunk(c, cpu, n) == auto_chunk_size(N, n, 512, 4, "cpu") == 256
+    # the launches per step follow the chunk count: 763 chunks x 23 (Triton) x 5 us on a GPU profile
+    assert P.step_time(c, HW)["op_overhead"] == pytest.approx(763 * 23 * 5e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        P.step_time(dataclasses.replace(c, chunk_size=-1), HW)
+
+
 def test_max_identities_is_the_boundary():
     c = cfg(identities=10, batch=16, dim=64, head="sphereface2", proxy_dtype="bf16")
     k = P.max_identities(c, HW)
@@ -227,6 +244,14 @@ def test_step_time_host_terms_by_hand():
     assert ts["row_traffic"] == pytest.approx(n * D * 2 * (2 + 2) / 100e9)
     assert ts["logit_elementwise"] == pytest.approx(N * n * (5 / 1e9 + 1 / 0.25e9 + 1 / 2e9))
     assert ts["fresh_allocation"] == 0 and P.step_allocations(sf) == []
+    # a GPU profile runs the chunk's Triton kernel: one 8-byte pass per logit, 23 launches per chunk
+    gpu = P.step_time(sf, HW)
+    assert gpu["logit_elementwise"] == pytest.approx(N * n * 8 / 100e9)
+    assert gpu["op_overhead"] == pytest.approx(23 * 334 * 5e-6)
+    eager = P.step_time(dataclasses.replace(sf, sf2_kernel="eager"), HW)
+    assert eager["logit_elementwise"] == pytest.approx(7 * N * n * 8 / 100e9)
+    forced = P.step_time(dataclasses.replace(sf, sf2_kernel="triton"), cpu)  # explicit on any profile
+    assert forced["logit_elementwise"] == pytest.approx(N * n / 1e9)
     assert ts["op_overhead"] == pytest.approx(30 * 334 * 1e-5)  # ceil(1e6 / 3000) chunks
     # row ops on the chunk: norm, divide, 3 SGD ops, bf16 rows and momentum converted in and out; the
     # cached rate applies when the chunk's fp32 rows fit the cache (3000 x 32 x 4 B = 375 KiB <= 2 MiB)

@@ -84,6 +84,11 @@ def test_auto_chunk_size_budget():
     assert auto_chunk_size(128, 100_000, 512) == 1024  # 2 MB of [chunk, 512] fp32 rows
     assert auto_chunk_size(4096, 100_000, 512) == 64  # 1 MB of [4096, chunk] fp32
     assert auto_chunk_size(128, 5, 512) == 5
+    # GPU: 64 MiB per [N, chunk] temporary (launch-bound loop otherwise), whole 64-column tiles
+    assert auto_chunk_size(1024, 12_500_000, 512, device_type="cuda") == 16_384
+    assert auto_chunk_size(8192, 12_500_000, 512, device_type="cuda") == 2048
+    assert auto_chunk_size(3000, 12_500_000, 512, device_type="cuda") == 5568  # 5592 -> tiles of 64
+    assert auto_chunk_size(1024, 1000, 512, device_type="cuda") == 1000
 
 
 def test_no_grad_forward_equals_training_loss_and_skips_update():

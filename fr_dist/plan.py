@@ -10,7 +10,8 @@ Memory model (N = W * B gathered rows, n = local classes, S = active classes = i
 
 * SphereFace2, fused chunked head (fr_dist): proxies n*D*p (p = proxy dtype bytes); SGD momentum n*D*p
   (AdamW: 2*n*D*p); optional fp32 master n*D*4; proxy gradient 0 with the fused update, else n*D*p; logit
-  block = chunk temporaries only: SF2_LOGIT_BUFFERS fp32 [N, c] plus SF2_CHUNK_ROWS fp32 [c, D].
+  block = chunk temporaries only: SF2_LOGIT_BUFFERS fp32 [N, c] (SF2_LOGIT_BUFFERS_TRITON with the chunk's
+  Triton kernel, the default on GPU profiles) plus SF2_CHUNK_ROWS fp32 [c, D]; c = the chunk the head picks.
 * Partial FC, ``pfc_impl="v2"`` (insightface PartialFC_V2 and fr_dist's PartialFCHead): fp32 proxies and
   momentum, a dense fp32 [n, D] proxy gradient (``weight[index]``'s backward), per active class the sampled
   copy / normalised copy / casts / their gradients (PFC_V2_ROWS_SAMPLED or _FULL [S, D] fp32 rows) and
@@ -275,6 +276,9 @@ def _measure_backbone(name: str, dim: int) -> dict:
 
 # fr_dist fused SphereFace2 chunk: cosines, dL/dcos and two elementwise temporaries, fp32 [N, c].
 SF2_LOGIT_BUFFERS = 4.0
+# ... with the Triton kernel: the cosine block, turned into dL/dz in place, and under autocast its 16-bit
+# copy and the 16-bit GEMM output (0.5 + 0.5).
+SF2_LOGIT_BUFFERS_TRITON = 2.0
 # fr_dist fused SphereFace2 chunk: the chunk's proxies upcast to fp32, normalised, and their gradient [c, D].
 SF2_CHUNK_ROWS = 3.0
 # insightface PartialFC_V2 (fp16 autocast): fp16 logits (0.5) + fp32 copy (1) + clamp input kept by autograd
@@ -450,6 +454,11 @@ def sf2_chunk(cfg: PlanConfig, hw: Hardware, cols: int) -> int:
     return auto_chunk_size(cfg.world * cfg.batch, max(cols, 1), cfg.dim, 4, hw.device)
 
 
+def sf2_triton(cfg: PlanConfig, hw: Hardware) -> bool:
+    """Does the SphereFace2 chunk run its Triton kernel (fr_dist's kernel=auto: on CUDA)?"""
+    return cfg.sf2_kernel == "triton" or (cfg.sf2_kernel == "auto" and hw.device == "cuda")
+
+
 def memory_breakdown(cfg: PlanConfig, hw: Hardware) -> dict:
     """Bytes per GPU by item, with ``total``, at the step's peak (head forward-backward over live
     backbone activations)."""
@@ -468,7 +477,8 @@ def memory_breakdown(cfg: PlanConfig, hw: Hardware) -> dict:
         m["fp32_master"] = n * D * f4 if cfg.fp32_master and p < 4 else 0
         m["proxy_grad"] = 0 if cfg.fused_update else n * D * p
         m["sampled_copies"] = 0
-        m["logit_block"] = int(c * (SF2_LOGIT_BUFFERS * N * f4 + SF2_CHUNK_ROWS * D * f4))
+        bufs = SF2_LOGIT_BUFFERS_TRITON if sf2_triton(cfg, hw) else SF2_LOGIT_BUFFERS
+        m["logit_block"] = int(c * (bufs * N * f4 + SF2_CHUNK_ROWS * D * f4))
     else:
         m["proxies"] = n * D * f4
         m["optimizer_state"] = n * D * f4 * (2 if cfg.optimizer == "adamw" else 1)
@@ -655,7 +665,7 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
             row_ops = SF2_FUSED_ROW_OPS[cfg.optimizer] + (2 * (1 + states) if p != 4 else 0)
         else:
             row_bytes = n * D * p * (4 + opt)
-        triton = cfg.sf2_kernel == "triton" or (cfg.sf2_kernel == "auto" and hw.elementwise_gelems is None)
+        triton = sf2_triton(cfg, hw)
         logit_ops = SF2_LOGIT_OPS_TRITON if triton else SF2_LOGIT_OPS
         per_chunk = SF2_OPS_PER_CHUNK_TRITON if triton else SF2_OPS_PER_CHUNK
         ops = per_chunk * math.ceil(S / sf2_chunk(cfg, hw, S))
@@ -842,20 +852,12 @@ def format_table(res: dict[str, dict]) -> str:
 
 
 def _gemm_tflops(dtype_name: str, size: int = 1024, reps: int = 5) -> float:
-    import time
-
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     a = torch.randn(size, size).to(dt)
     b = torch.randn(size, size).to(dt)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e12
+    return 2 * size**3 / _best_time(lambda: a @ b, reps) / 1e12
 
 
 def _best_time(fn, reps: int) -> float:
@@ -948,13 +950,7 @@ def _collectives_worker(rank: int, world: int) -> dict:
         ("all_gather", lambda t: comm.all_gather(t, None), big.numel() * 4 * world, (world - 1) / world),
         ("all_reduce", lambda t: comm.all_reduce(t, "sum", None), big.numel() * 4, 2 * (world - 1) / world),
     ):
-        fn(big)
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn(big)
-            best = min(best, time.perf_counter() - t0)
-        out[name + "_busbw_gbps"] = nbytes * factor / best / 1e9
+        out[name + "_busbw_gbps"] = nbytes * factor / _best_time(lambda fn=fn: fn(big), 5) / 1e9
     lat = []
     for _ in range(20):
         t0 = time.perf_counter()

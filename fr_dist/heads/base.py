@@ -9,7 +9,7 @@ from fr_dist import comm
 from fr_dist.checkpoint_io import CheckpointError
 from fr_dist.sharding import class_range, copy_rows
 
-__all__ = ["ShardedClassifier", "init_weight_rows"]
+__all__ = ["ShardedClassifier", "autocast_gemm_dtype", "init_weight_rows"]
 
 # Rows are generated in fixed blocks, each from its own seed, so a rank can draw exactly its
 # slice without materialising [K, D] (K may be 10^8), and every world size sees the same rows.
@@ -31,6 +31,12 @@ def init_weight_rows(
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0].to(dtype)
         block += 1
     return out
+
+
+def autocast_gemm_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives a GEMM's operands on ``device`` here, or None when autocast is off: the
+    heads' fused passes disable autocast inside and apply it to their GEMMs themselves."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 class ShardedClassifier(nn.Module):

@@ -12,7 +12,9 @@ Per chunk of ``c`` classes (N = W*B gathered rows, D = embedding size)::
     grad_x += Q @ w                                                         GEMM 3     [N, D]
     optional fused optimizer update of the chunk's rows (and their optimizer state) right here
 
-Only [N, c] temporaries exist (3 of them). Negatives are evaluated with the cheap closed form
+Only [N, c] temporaries exist (3 of them; 1 when the elementwise part runs as one Triton kernel,
+:mod:`fr_dist.heads.sf2_triton`). Under autocast the three GEMMs take operands in its dtype (bf16),
+as a Linear layer would; everything else stays fp32. Negatives are evaluated with the cheap closed form
 ``z = (2r / 2^t) (c + 1)^t + r (m_neg - 1) + b`` (A/M: c clipped first, as OpenSphere's
 arccos/cos round trip does); the acos/cos margin formula runs on the <= N target entries only.
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fr_dist import comm
-from fr_dist.heads.base import ShardedClassifier
+from fr_dist.heads.base import ShardedClassifier, autocast_gemm_dtype
 from fr_dist.heads.margins import SOFTMAX_MARGINS, softmax_margin_cos, straight_through
 from fr_dist.heads.sampling import sample_classes
 
@@ -395,8 +395,7 @@ class PartialFCHead(ShardedClassifier):
             index, target_col = sample_classes(target_col, self.num_local, self.sample_rate, self.generator)
             self.weight_index = index
             weight = weight[index]  # [S, D]; unsampled rows get zero gradient
-        dev = x_all.device.type
-        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        mm_dtype = autocast_gemm_dtype(x_all.device)
         if mm_dtype is not None and mm_dtype == weight.dtype:
             mm_dtype = None
         x_hat = F.normalize(x_all.to(weight.dtype), dim=1)  # [W*B, D]

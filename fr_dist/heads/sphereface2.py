@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fr_dist import comm
 from fr_dist.heads import sf2_triton
-from fr_dist.heads.base import ShardedClassifier
+from fr_dist.heads.base import ShardedClassifier, autocast_gemm_dtype
 from fr_dist.heads.margins import (
     SPHEREFACE2_MARGINS,
     sphereface2_bias_init,
@@ -360,8 +360,6 @@ class SphereFace2Head(ShardedClassifier):
         x_hat = F.normalize(x_all, dim=1)  # [W*B, D]
         bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
         do_update = self.fused_update and self.training and torch.is_grad_enabled()
-        dev = x_hat.device.type  # under autocast the GEMMs take operands in its dtype (as Partial FC's)
-        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         plan = FusedPlan(
             **self._loss_hparams(),
             batch_size=x_all.shape[0],
@@ -372,7 +370,7 @@ class SphereFace2Head(ShardedClassifier):
             row_step=getattr(self, "weight_step", None),
             master=getattr(self, "weight_master", None),
             do_update=do_update,
-            mm_dtype=mm_dtype,
+            mm_dtype=autocast_gemm_dtype(x_hat.device),  # bf16 operands under autocast, as Partial FC's
             kernel=self._chunk_kernel(x_hat.device),
             # identical on every rank (gathered batch, replicated bias): all skip together
             update_ok=not do_update

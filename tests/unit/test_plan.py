@@ -34,7 +34,15 @@ HW = P.Hardware(
 
 
 def cfg(**kw) -> P.PlanConfig:
-    base = dict(gpus_per_node=2, nodes=1, backbone="none", amp="none", ddp_bucket_copy=False, chunk_size=8192)
+    base = dict(
+        gpus_per_node=2,
+        nodes=1,
+        backbone="none",
+        amp="none",
+        ddp_bucket_copy=False,
+        chunk_size=8192,
+        sf2_kernel="eager",  # the hand checks count the eager chunk's buffers and ops
+    )
     base.update(kw)
     return P.PlanConfig(**base)
 
@@ -163,11 +171,21 @@ def test_automatic_chunk_is_the_heads():
     """chunk_size 0 plans the chunk the head picks on the profile's device (auto_chunk_size)."""
     from fr_dist.heads.sf2_fused import auto_chunk_size
 
-    c = cfg(identities=100_000_000, batch=128, dim=512, gpus_per_node=8, head="sphereface2", chunk_size=0)
+    c = cfg(
+        identities=100_000_000,
+        batch=128,
+        dim=512,
+        gpus_per_node=8,
+        head="sphereface2",
+        chunk_size=0,
+        sf2_kernel="auto",
+    )
     n, N = 12_500_000, 1024
-    gpu = P.memory_breakdown(c, HW)
+    gpu = P.memory_breakdown(c, HW)  # a GPU profile: the Triton kernel keeps 2 fp32-equivalent [N, c] buffers
     assert P.sf2_chunk(c, HW, n) == auto_chunk_size(N, n, 512, 4, "cuda") == 16_384
-    assert gpu["logit_block"] == 16_384 * (P.SF2_LOGIT_BUFFERS * N * 4 + P.SF2_CHUNK_ROWS * 512 * 4)
+    assert gpu["logit_block"] == 16_384 * (P.SF2_LOGIT_BUFFERS_TRITON * N * 4 + P.SF2_CHUNK_ROWS * 512 * 4)
+    eager = P.memory_breakdown(dataclasses.replace(c, sf2_kernel="eager"), HW)
+    assert eager["logit_block"] == 16_384 * (P.SF2_LOGIT_BUFFERS * N * 4 + P.SF2_CHUNK_ROWS * 512 * 4)
     cpu = dataclasses.replace(HW, device="cpu")
     assert P.sf2_chunk(c, cpu, n) == auto_chunk_size(N, n, 512, 4, "cpu") == 256
     # the launches per step follow the chunk count: 763 chunks x 23 (Triton) x 5 us on a GPU profile
@@ -224,6 +242,7 @@ def test_step_time_host_terms_by_hand():
     # a CPU-like profile: op rates, fresh pages >= 32 MiB at 2 GB/s
     cpu = dataclasses.replace(
         HW,
+        device="cpu",
         elementwise_gelems=1.0,
         transcendental_gelems={"exp": 0.5, "softplus": 0.25, "sigmoid": 2.0},
         fresh_alloc_gbps=2.0,
@@ -245,7 +264,7 @@ def test_step_time_host_terms_by_hand():
     assert ts["logit_elementwise"] == pytest.approx(N * n * (5 / 1e9 + 1 / 0.25e9 + 1 / 2e9))
     assert ts["fresh_allocation"] == 0 and P.step_allocations(sf) == []
     # a GPU profile runs the chunk's Triton kernel: one 8-byte pass per logit, 23 launches per chunk
-    gpu = P.step_time(sf, HW)
+    gpu = P.step_time(dataclasses.replace(sf, sf2_kernel="auto"), HW)
     assert gpu["logit_elementwise"] == pytest.approx(N * n * 8 / 100e9)
     assert gpu["op_overhead"] == pytest.approx(23 * 334 * 5e-6)
     eager = P.step_time(dataclasses.replace(sf, sf2_kernel="eager"), HW)

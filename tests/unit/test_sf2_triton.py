@@ -8,7 +8,10 @@ import os
 
 import pytest
 
-os.environ["TRITON_INTERPRET"] = "1"  # before fr_dist.heads.sf2_triton builds its kernel
+# Triton reads TRITON_INTERPRET when it is imported: set it first. Only kernel="triton" heads look at it
+# (kernel="auto" is eager off CUDA), so it is harmless to the rest of the session; restored at teardown.
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 import torch  # noqa: E402
@@ -17,6 +20,15 @@ from fr_dist.heads import SphereFace2Head  # noqa: E402
 from fr_dist.heads.sf2_fused import RowOptimizer  # noqa: E402
 
 D, K, N = 16, 150, 20
+
+
+def teardown_module():
+    if _OLD_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
 M_OF = {"C": 0.4, "A": 0.5, "M": 1.7}
 
 
@@ -78,7 +90,7 @@ def test_triton_with_sampling_and_fused_update():
         for _ in range(3):
             loss = h(x, y)
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         heads.append((h, losses))
     (he, le), (ht, lt) = heads
     assert lt == pytest.approx(le, rel=1e-5)

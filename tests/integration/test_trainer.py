@@ -301,3 +301,46 @@ def test_best_checkpoint_survives_resume(tiny_data, tmp_path):
     accs = [r[0]["result"]["eval"]["heldout"]["accuracy"] for r in (first, second)]
     best = json.loads((tmp_path / "best" / "eval.json").read_text())["heldout"]["accuracy"]
     assert best == max(accs)
+
+
+def _train_with_scaler(rank, world, overrides, init_scale):
+    """Train with a loss-scaling GradScaler (CPU GradScaler: the fp16 + CUDA path's scaling logic)."""
+    from fr_dist.runtime import DistEnv
+    from fr_dist.train.config_load import load_config
+    from fr_dist.train.run import build_trainer
+
+    _register_flat()
+    tr = build_trainer(
+        load_config(None, overrides), DistEnv(rank=rank, world_size=world), torch.device("cpu")
+    )
+    if init_scale:
+        tr.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10**6)
+    tr.fit()
+    return dict(
+        head={k: v.detach().clone() for k, v in tr.head.state_dict().items()},
+        backbone={k: v.detach().clone() for k, v in tr.bb.bare.state_dict().items()},
+        scale=float(tr.scaler.get_scale()) if tr.scaler.is_enabled() else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"head.name": "sphereface2"},
+        {"head.name": "partial_fc"},
+        {"head.name": "sphereface2", "head.sphereface2.fused_update": "true", "train.momentum": 0.9},
+    ],
+    ids=["sf2", "pfc", "sf2-fused-update"],
+)
+def test_loss_scaling_leaves_every_update_unchanged(tiny_data, tmp_path, extra):
+    """A GradScaler (x1024) scales the backbone's AND the head's gradients; both optimizers step through
+    it (unscaled first), so 3 steps equal the unscaled run. A head optimizer stepped outside the scaler,
+    on scaled gradients (checked: it fails all three cases), moves the head ~1024x further."""
+    kw = {"train.max_steps": 3, "train.momentum": 0.0, "head.sphereface2.r": 16.0, **extra}
+    ref = spawn_gloo(_train_with_scaler, 2, args=(_overrides(tiny_data, tmp_path / "ref", **kw), 0.0))
+    scaled = spawn_gloo(_train_with_scaler, 2, args=(_overrides(tiny_data, tmp_path / "s", **kw), 1024.0))
+    for r in range(2):
+        assert scaled[r]["scale"] == 1024.0  # no step was skipped as non-finite
+        for part in ("head", "backbone"):
+            for k, v in ref[r][part].items():
+                torch.testing.assert_close(scaled[r][part][k], v, rtol=1e-5, atol=1e-7, msg=f"{part}.{k}")

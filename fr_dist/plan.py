@@ -116,6 +116,9 @@ class Hardware:
     transcendental_gelems: dict | None = None  # {"exp", "softplus", "sigmoid"}: 1e9 elements/s
     fresh_alloc_gbps: float | None = None  # first touch + release of a freshly mapped block, GB/s
     fresh_alloc_min_bytes: int = 32 * (1 << 20)  # allocations at least this large are mapped afresh each time
+    convert_gelems: float | None = None  # bf16 <-> fp32 conversion, 1e9 elements/s (None: a simple op)
+    gather_gbps: float | None = None  # index_select / index_put_ of random [D] rows, GB/s (None: stream)
+    sampler_gelems: float | None = None  # negative sampling: rand + topk over the shard's keys, 1e9 keys/s
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -602,9 +605,13 @@ PFC_ROW_PASSES = {  # impl: (passes over n, passes over S) at rate < 1; rate 1 u
 PFC_ROW_PASSES_FULL = {"fr_dist": 5, "v2": 9, "v1": 9}
 # The fused SphereFace2 update works on the chunk's rows while they sit in cache: its elementwise ops over
 # each used row element are compute, not memory traffic (CPU rate; on GPUs they hide under the row
-# passes): norm, divide, and the update (SGD momentum buf.mul_, buf.add_, w.add_; AdamW ~8), plus, for a
-# storage dtype other than fp32, the conversions of the row and of each state row in and out.
+# passes): norm, divide, and the update (SGD momentum buf.mul_, buf.add_, w.add_; AdamW ~8); for a
+# storage dtype other than fp32 the conversions of the row and of each state row in and out are counted
+# at the conversion rate (bf16 <-> fp32 has no vector instruction on CPUs without AVX512-BF16).
 SF2_FUSED_ROW_OPS = {"sgd": 2 + 3, "adamw": 2 + 8}
+# Negative sampling (both heads): uniform keys for the shard's n classes and a top-k of them each step;
+# on a GPU about two read + write passes over n fp32 keys (radix select).
+SAMPLER_BYTES_PER_CLASS = 16
 
 
 def _elementwise_seconds(ops: dict, elements: float, hw: Hardware, cached: bool = False) -> float:
@@ -657,12 +664,17 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
     # row traffic: proxies, optimizer state and gradients, outside the GEMMs (tables above)
     stream = hw.hbm_gbps * 1e9 * hw.elementwise_efficiency
     opt = OPT_PASSES[cfg.optimizer]
+    gathered, row_ops, conversions = False, 0, 0  # the fused SphereFace2 update's, set below
     if cfg.head == "sphereface2":
         p = DTYPE_BYTES[cfg.proxy_dtype]
         states = 2 if cfg.optimizer == "adamw" else 1
         if cfg.fused_update:
+            # each used row and state row read and written once; sampled rows are gathered (index_select)
+            # and scattered back (index_put_); 16-bit rows are converted to fp32 and back
             row_bytes = S * D * p * (2 + 2 * states)
-            row_ops = SF2_FUSED_ROW_OPS[cfg.optimizer] + (2 * (1 + states) if p != 4 else 0)
+            gathered = S < n
+            row_ops = SF2_FUSED_ROW_OPS[cfg.optimizer]
+            conversions = 2 * (1 + states) if p != 4 else 0
         else:
             row_bytes = n * D * p * (4 + opt)
         triton = sf2_triton(cfg, hw)
@@ -679,15 +691,24 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
             row_bytes = n * D * 4 * (PFC_ROW_PASSES_FULL[cfg.pfc_impl] + opt)
         logit_ops = PFC_LOGIT_OPS[cfg.pfc_impl]
         ops = PFC_OPS_PER_STEP
-    t["row_traffic"] = row_bytes / stream
+    gather = hw.gather_gbps * 1e9 if hw.gather_gbps else stream
+    t["row_traffic"] = row_bytes / (gather if gathered else stream)
     # the SphereFace2 chunk's rows [c, D] and its [N, c] temporaries stay in cache when they fit
     c = sf2_chunk(cfg, hw, S) if cfg.head == "sphereface2" else S
     rows_cached = c * D * 4 <= hw.cache_bytes
     block_cached = cfg.head == "sphereface2" and N * c * 4 <= hw.cache_bytes
     in_pass = cfg.head == "sphereface2" and cfg.fused_update and hw.elementwise_gelems
-    t["row_elementwise"] = (
-        _elementwise_seconds({"simple": row_ops}, S * D, hw, cached=rows_cached) if in_pass else 0.0
-    )
+    t["row_elementwise"] = 0.0
+    if in_pass:
+        t["row_elementwise"] = _elementwise_seconds({"simple": row_ops}, S * D, hw, cached=rows_cached)
+        if hw.convert_gelems:
+            t["row_elementwise"] += conversions * S * D / (hw.convert_gelems * 1e9)
+        else:
+            t["row_elementwise"] += _elementwise_seconds(
+                {"simple": conversions}, S * D, hw, cached=rows_cached
+            )
+    sampler = hw.sampler_gelems * 1e9 if hw.sampler_gelems else stream / SAMPLER_BYTES_PER_CLASS
+    t["sampling"] = n / sampler if S < n else 0.0
     t["logit_elementwise"] = _elementwise_seconds(logit_ops, N * S, hw, cached=block_cached)
     fresh = sum(b for b in step_allocations(cfg) if b >= hw.fresh_alloc_min_bytes)
     t["fresh_allocation"] = fresh / (hw.fresh_alloc_gbps * 1e9) if hw.fresh_alloc_gbps else 0.0
@@ -901,8 +922,8 @@ def measure_rates(numel: int = 1 << 23, reps: int = 5) -> dict:
     share the memory bus): ``hbm_gbps`` (in-place ``y += x`` over 32 MiB arrays, 12 bytes per element),
     ``elementwise_gelems`` (``y *= x``; ``cached_elementwise_gelems`` on 512 KiB arrays),
     ``transcendental_gelems`` (exp, softplus, sigmoid), ``fresh_alloc_gbps`` (``torch.zeros`` of a new
-    256 MiB array, written once and freed: glibc maps it afresh) and ``op_overhead_s`` (an in-place op on
-    one element)."""
+    256 MiB array, written once and freed: glibc maps it afresh), ``op_overhead_s`` (an in-place op on
+    one element), ``convert_gelems``, ``gather_gbps`` and ``sampler_gelems``."""
     import torch
 
     out = _op_rates(numel, reps)
@@ -920,7 +941,31 @@ def measure_rates(numel: int = 1 << 23, reps: int = 5) -> dict:
             one.add_(1.0)
 
     out["op_overhead_s"] = _best_time(tiny_ops, reps) / 100
+    out.update(_row_and_sampler_rates(reps))
     return out
+
+
+def _row_and_sampler_rates(reps: int) -> dict:
+    """bf16 <-> fp32 conversion, gather / scatter of random 512-wide bf16 rows, and a negative-sampling draw
+    (rand + top-2 % of 4M keys), as the heads do them."""
+    import torch
+
+    x = torch.rand(1 << 22)
+    xb = x.to(torch.bfloat16)
+    t_conv = _best_time(lambda: x.copy_(xb), reps) + _best_time(lambda: xb.copy_(x), reps)
+    table = torch.rand(1 << 16, 512).to(torch.bfloat16)  # 64 MiB
+    idx = torch.randperm(1 << 16)[:2048].sort()[0]
+    rows = table.index_select(0, idx)
+    t_gather = _best_time(lambda: table.index_select(0, idx), reps) + _best_time(
+        lambda: table.index_put_((idx,), rows), reps
+    )
+    n = 1 << 22
+    t_sample = _best_time(lambda: torch.topk(torch.rand(n), k=n // 50), max(1, reps // 2))
+    return dict(
+        convert_gelems=2 * x.numel() / t_conv / 1e9,
+        gather_gbps=2 * rows.numel() * rows.element_size() / t_gather / 1e9,
+        sampler_gelems=n / t_sample / 1e9,
+    )
 
 
 def _rss_bytes() -> int:

@@ -295,6 +295,41 @@ def test_step_time_host_terms_by_hand():
     assert ta["fresh_allocation"] == pytest.approx(n * D * (4 + 2 + 2 * 2) / 2e9)
 
 
+def test_sampling_gather_and_conversion_terms_by_hand():
+    """Negative sampling draws keys for all n classes each step; the fused update gathers the sampled rows
+    (and state rows) and scatters them back at the gather rate; 16-bit rows convert at the conversion rate."""
+    n, S, D = 1_000_000, 20_000, 32
+    cpu = dataclasses.replace(
+        HW,
+        device="cpu",
+        elementwise_gelems=1.0,
+        cached_elementwise_gelems=4.0,
+        transcendental_gelems={"exp": 0.5, "softplus": 0.25, "sigmoid": 2.0},
+        convert_gelems=0.5,
+        gather_gbps=2.0,
+        sampler_gelems=0.05,
+    )
+    c = cfg(
+        identities=2_000_000,
+        batch=8,
+        dim=D,
+        head="sphereface2",
+        sample_rate=0.02,
+        proxy_dtype="bf16",
+        chunk_size=1000,
+    )
+    t = P.step_time(c, cpu)
+    assert t["sampling"] == pytest.approx(n / 0.05e9)
+    assert t["row_traffic"] == pytest.approx(S * D * 2 * (2 + 2) / 2e9)  # rows + momentum, gather + scatter
+    assert t["row_elementwise"] == pytest.approx(S * D * 5 / 4e9 + S * D * 4 / 0.5e9)  # 5 ops + 4 conversions
+    full = P.step_time(dataclasses.replace(c, sample_rate=1.0), cpu)
+    assert full["sampling"] == 0 and full["row_traffic"] == pytest.approx(n * D * 2 * 4 / 100e9)  # streamed
+    # Partial FC samples the same way; a GPU profile: two read + write passes over n fp32 keys
+    pfc = P.step_time(dataclasses.replace(c, head="partial_fc", proxy_dtype="fp32"), cpu)
+    assert pfc["sampling"] == pytest.approx(n / 0.05e9)
+    assert P.step_time(c, HW)["sampling"] == pytest.approx(n * P.SAMPLER_BYTES_PER_CLASS / 100e9)
+
+
 def test_head_compute_dtype():
     c = cfg(identities=100_000, batch=8, dim=32, head="sphereface2", proxy_dtype="bf16", amp="bf16")
     gemm = 6 * 16 * 50_000 * 32

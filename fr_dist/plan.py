@@ -665,6 +665,7 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
     stream = hw.hbm_gbps * 1e9 * hw.elementwise_efficiency
     opt = OPT_PASSES[cfg.optimizer]
     gathered, row_ops, conversions = False, 0, 0  # the fused SphereFace2 update's, set below
+    c = sf2_chunk(cfg, hw, S) if cfg.head == "sphereface2" else S  # classes per chunk
     if cfg.head == "sphereface2":
         p = DTYPE_BYTES[cfg.proxy_dtype]
         states = 2 if cfg.optimizer == "adamw" else 1
@@ -680,7 +681,7 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
         triton = sf2_triton(cfg, hw)
         logit_ops = SF2_LOGIT_OPS_TRITON if triton else SF2_LOGIT_OPS
         per_chunk = SF2_OPS_PER_CHUNK_TRITON if triton else SF2_OPS_PER_CHUNK
-        ops = per_chunk * math.ceil(S / sf2_chunk(cfg, hw, S))
+        ops = per_chunk * math.ceil(S / c)
     else:
         if S < n:
             over_n, over_s = PFC_ROW_PASSES[cfg.pfc_impl]
@@ -694,7 +695,6 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
     gather = hw.gather_gbps * 1e9 if hw.gather_gbps else stream
     t["row_traffic"] = row_bytes / (gather if gathered else stream)
     # the SphereFace2 chunk's rows [c, D] and its [N, c] temporaries stay in cache when they fit
-    c = sf2_chunk(cfg, hw, S) if cfg.head == "sphereface2" else S
     rows_cached = c * D * 4 <= hw.cache_bytes
     block_cached = cfg.head == "sphereface2" and N * c * 4 <= hw.cache_bytes
     in_pass = cfg.head == "sphereface2" and cfg.fused_update and hw.elementwise_gelems

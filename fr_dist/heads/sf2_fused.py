@@ -251,6 +251,7 @@ class _FusedSF2(torch.autograd.Function):
         alpha = w_neg * plan.r * (t / 2.0 ** (t - 1.0) if exact else 1.0)  # dL/dcos = alpha * Q * col_w
         clip = plan.margin != "C"
         lo_u, hi_u = (-1.0 + _COS_EPS) + 1.0, (1.0 - _COS_EPS) + 1.0
+        z0_t = torch.full((), z0, dtype=cdt, device=dev)  # addcmul's input: a 0-dim tensor on x's device
 
         csize = plan.chunk_size or auto_chunk_size(N, rows_total, D, torch.finfo(cdt).bits // 8, dev.type)
         csize = max(1, min(csize, max(rows_total, 1)))
@@ -346,7 +347,7 @@ class _FusedSF2(torch.autograd.Function):
                 sp = buf_p[: N * c].view(N, c)
                 torch.pow(u, t - 1.0, out=sp)  # u^(t-1); also (t/2^(t-1)) u^(t-1) = g'(c)
                 mask = ((u > lo_u) & (u < hi_u)) if (clip and exact) else None
-                torch.addcmul(torch.tensor(z0, dtype=cdt), u, sp, value=k_z, out=u)  # z [N, c]
+                torch.addcmul(z0_t, u, sp, value=k_z, out=u)  # z [N, c]
                 spl = buf_s[: N * c].view(N, c)
                 _softplus_out(u, spl)
                 spl[pr, pc] = 0.0  # targets are not negatives

@@ -23,6 +23,15 @@ import os
 
 import torch
 
+# Triton at module level: a compiled kernel resolves names such as ``tl`` from its module's globals (Triton
+# before mid-2025 could not see closure variables: pytorch#132534, "NameError: tl is not defined"), and the
+# interpreter runs the kernel as plain Python, so only a module-level import is right for both.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional extra: the caller keeps the eager path
+    triton = tl = None
+
 __all__ = ["available", "negative_terms_"]
 
 BLOCK_N, BLOCK_C = 32, 64
@@ -32,91 +41,88 @@ def available(device: torch.device) -> bool:
     """Triton importable and able to run on ``device`` (a CUDA device, or the CPU interpreter)."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None
 
 
 @functools.cache
 def _kernel():
-    # built on first use: triton.jit reads TRITON_INTERPRET when it decorates
-    import triton
-    import triton.language as tl
+    """The jitted kernel, built on first use: ``triton.jit`` reads TRITON_INTERPRET when it decorates."""
+    if triton is None:
+        raise ImportError(
+            "the SphereFace2 Triton kernel needs the triton package (pip install fr_dist[triton])"
+        )
+    return triton.jit(sf2_negatives)
 
-    @triton.jit
-    def sf2_negatives(
-        u_ptr,
-        tcol_ptr,
-        cw_ptr,
-        colsp_ptr,
-        colq_ptr,
-        N,
-        C,
-        stride_n,
-        k_z,
-        z0,
-        tm1,
-        lo_u,
-        hi_u,
-        CLIP: tl.constexpr,
-        EXACT: tl.constexpr,
-        HAS_CW: tl.constexpr,
-        GRADS: tl.constexpr,
-        POW: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-        cmask = cols < C
-        if HAS_CW:
-            cw = tl.load(cw_ptr + cols, mask=cmask, other=0.0)
-        acc_sp = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_q = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r0 in range(0, N, BLOCK_N):
-            rows = r0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-            rmask = rows < N
-            m = rmask[:, None] & cmask[None, :]  # [BLOCK_N, BLOCK_C]
-            ptrs = u_ptr + rows[:, None] * stride_n + cols[None, :]
-            v = tl.load(ptrs, mask=m, other=0.0) + 1.0
-            if CLIP:
-                v = tl.minimum(tl.maximum(v, lo_u), hi_u)
-            if POW == 0:
-                p = v * 0.0 + 1.0
-            elif POW == 1:
-                p = v
-            elif POW == 2:
-                p = v * v
-            elif POW == 3:
-                p = v * v * v
-            else:
-                p = tl.where(v > 0.0, tl.exp(tm1 * tl.log(tl.maximum(v, 1e-30))), 0.0)
-            z = z0 + k_z * v * p
-            e = tl.exp(-tl.abs(z))  # shared by softplus and sigmoid
-            log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
-            sp = tl.where(z > 20.0, z, tl.maximum(z, 0.0) + log1p_e)  # torch's softplus, threshold 20
-            q = tl.where(z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(z)
-            tcol = tl.load(tcol_ptr + rows, mask=rmask, other=-1)  # [BLOCK_N] target column or -1
-            keep = m & (cols[None, :] != tcol[:, None])  # targets are not negatives
-            sp = tl.where(keep, sp, 0.0)
-            q = tl.where(keep, q, 0.0)
-            acc_sp += tl.sum(sp, axis=0)
-            acc_q += tl.sum(q, axis=0)
-            if GRADS:
-                g = q
-                if EXACT:
-                    g = g * p
-                    if CLIP:
-                        g = tl.where((v > lo_u) & (v < hi_u), g, 0.0)
-                if HAS_CW:
-                    g = g * cw[None, :]
-                tl.store(ptrs, g, mask=m)
-        tl.store(colsp_ptr + cols, acc_sp, mask=cmask)
-        tl.store(colq_ptr + cols, acc_q, mask=cmask)
 
-    return triton, sf2_negatives
+def sf2_negatives(
+    u_ptr,
+    tcol_ptr,
+    cw_ptr,
+    colsp_ptr,
+    colq_ptr,
+    N,
+    C,
+    stride_n,
+    k_z,
+    z0,
+    tm1,
+    lo_u,
+    hi_u,
+    CLIP: tl.constexpr,
+    EXACT: tl.constexpr,
+    HAS_CW: tl.constexpr,
+    GRADS: tl.constexpr,
+    POW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    cmask = cols < C
+    if HAS_CW:
+        cw = tl.load(cw_ptr + cols, mask=cmask, other=0.0)
+    acc_sp = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_q = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, N, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        rmask = rows < N
+        m = rmask[:, None] & cmask[None, :]  # [BLOCK_N, BLOCK_C]
+        ptrs = u_ptr + rows[:, None] * stride_n + cols[None, :]
+        v = tl.load(ptrs, mask=m, other=0.0) + 1.0
+        if CLIP:
+            v = tl.minimum(tl.maximum(v, lo_u), hi_u)
+        if POW == 0:
+            p = v * 0.0 + 1.0
+        elif POW == 1:
+            p = v
+        elif POW == 2:
+            p = v * v
+        elif POW == 3:
+            p = v * v * v
+        else:
+            p = tl.where(v > 0.0, tl.exp(tm1 * tl.log(tl.maximum(v, 1e-30))), 0.0)
+        z = z0 + k_z * v * p
+        e = tl.exp(-tl.abs(z))  # shared by softplus and sigmoid
+        log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+        sp = tl.where(z > 20.0, z, tl.maximum(z, 0.0) + log1p_e)  # torch's softplus, threshold 20
+        q = tl.where(z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(z)
+        tcol = tl.load(tcol_ptr + rows, mask=rmask, other=-1)  # [BLOCK_N] target column or -1
+        keep = m & (cols[None, :] != tcol[:, None])  # targets are not negatives
+        sp = tl.where(keep, sp, 0.0)
+        q = tl.where(keep, q, 0.0)
+        acc_sp += tl.sum(sp, axis=0)
+        acc_q += tl.sum(q, axis=0)
+        if GRADS:
+            g = q
+            if EXACT:
+                g = g * p
+                if CLIP:
+                    g = tl.where((v > lo_u) & (v < hi_u), g, 0.0)
+            if HAS_CW:
+                g = g * cw[None, :]
+            tl.store(ptrs, g, mask=m)
+    tl.store(colsp_ptr + cols, acc_sp, mask=cmask)
+    tl.store(colq_ptr + cols, acc_q, mask=cmask)
 
 
 def negative_terms_(
@@ -139,7 +145,7 @@ def negative_terms_(
     column sums [c] of softplus(z) and of sigmoid(z) over the non-target entries."""
     if u.dtype != torch.float32 or u.dim() != 2 or u.stride(1) != 1:
         raise ValueError(f"u must be a row-contiguous fp32 [N, c] block, got {u.dtype} {tuple(u.stride())}")
-    triton, kern = _kernel()
+    kern = _kernel()
     N, C = u.shape
     colsp = torch.empty(C, dtype=torch.float32, device=u.device)  # [c]
     colq = torch.empty(C, dtype=torch.float32, device=u.device)  # [c]

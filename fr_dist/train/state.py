@@ -26,7 +26,9 @@ class Progress:
     best_acc: float = -1.0
     """Best mean verification accuracy; RUN/best is replaced only by a better model."""
     nonfinite: int = 0
-    """Non-finite steps in a row (skipped)."""
+    """Non-finite steps in a row (skipped) that the loss scaler cannot recover from."""
+    scaler_skips: int = 0
+    """Steps the fp16 GradScaler skipped on overflow while it lowered the scale (not counted above)."""
 
     def state_dict(self) -> dict:
         return dict(
@@ -36,6 +38,7 @@ class Progress:
             global_batch=self.global_batch,
             best_acc=self.best_acc,
             nonfinite=self.nonfinite,
+            scaler_skips=self.scaler_skips,
         )
 
     def load_state_dict(self, st: dict) -> None:
@@ -45,6 +48,7 @@ class Progress:
             st["best_acc"],
             st["nonfinite"],
         )
+        self.scaler_skips = st.get("scaler_skips", 0)  # absent from checkpoints written before it
         if st["global_batch"] != self.global_batch:
             warnings.warn(
                 f"global batch changed from {st['global_batch']} to {self.global_batch}: data order resumes "

@@ -158,6 +158,7 @@ class Trainer:
                 self.bb.backward(loss, self.scaler)  # the scaler scales the whole loss (fp16 on CUDA)
             loss_sum += float(loss.detach()) / t.grad_accum
             images += imgs.shape[0] * self.env.world_size
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # the scale this step used
         grad_norm, grads_ok = self.bb.step(self.scaler, t.clip_grad_norm, math.isfinite(loss_sum))
         finite = math.isfinite(loss_sum) and grads_ok
         # the head's gradients carry the loss scale too: unscale and step them through the scaler
@@ -167,8 +168,14 @@ class Trainer:
             self.scaler.step(self.opt_head)
         self.scaler.update()
         self.opt_head.zero_grad(set_to_none=True)
-        p.nonfinite = 0 if finite else p.nonfinite + 1
-        if not finite:
+        # a finite loss whose gradients overflowed under a loss scale > 1 is the scaler's to fix (it skipped
+        # the step and halved the scale: fp16 warm-up from 2^16); only what it cannot recover from counts
+        scaler_skip = not finite and math.isfinite(loss_sum) and scale > 1.0
+        if scaler_skip:
+            p.scaler_skips += 1
+        else:
+            p.nonfinite = 0 if finite else p.nonfinite + 1
+        if not finite and not scaler_skip:
             warnings.warn(
                 f"step {p.step}: non-finite loss/grad ({loss_sum}, {grad_norm}); step skipped", stacklevel=1
             )
@@ -180,7 +187,9 @@ class Trainer:
         self.sched_bb.step()
         self.sched_head.step()
         p.step += 1
-        return dict(loss=loss_sum, grad_norm=grad_norm, images=images, skipped=not finite)
+        return dict(
+            loss=loss_sum, grad_norm=grad_norm, images=images, skipped=not finite, scaler_skip=scaler_skip
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _states(self) -> dict:
@@ -280,6 +289,8 @@ class Trainer:
         )
         if hasattr(self.head, "bias"):
             scalars["sf2_bias"] = float(self.head.bias.detach())
+        if self.scaler.is_enabled():
+            scalars.update(loss_scale=float(self.scaler.get_scale()), scaler_skips=self.progress.scaler_skips)
         eta = meter.eta(self.total_steps - self.step)
         line = format_progress(
             self.step, self.total_steps, self.progress.epoch, out["loss"], lr, meter.rate, eta

@@ -320,6 +320,8 @@ def _train_with_scaler(rank, world, overrides, init_scale):
         head={k: v.detach().clone() for k, v in tr.head.state_dict().items()},
         backbone={k: v.detach().clone() for k, v in tr.bb.bare.state_dict().items()},
         scale=float(tr.scaler.get_scale()) if tr.scaler.is_enabled() else None,
+        scaler_skips=tr.progress.scaler_skips,
+        step=tr.step,
     )
 
 
@@ -344,3 +346,14 @@ def test_loss_scaling_leaves_every_update_unchanged(tiny_data, tmp_path, extra):
         for part in ("head", "backbone"):
             for k, v in ref[r][part].items():
                 torch.testing.assert_close(scaled[r][part][k], v, rtol=1e-5, atol=1e-7, msg=f"{part}.{k}")
+
+
+def test_fp16_scaler_warm_up_is_not_a_nonfinite_abort(tiny_data, tmp_path):
+    """A GradScaler starting far too high (2^127: every gradient overflows) skips steps while it halves
+    the scale, as fp16 training does from 2^16 on its first steps. Those skips are the scaler's to fix:
+    fit() completes although they outnumber train.max_nonfinite_steps (it aborted before)."""
+    kw = {"train.max_steps": 12, "train.max_nonfinite_steps": 2, "head.name": "sphereface2"}
+    out = spawn_gloo(_train_with_scaler, 1, args=(_overrides(tiny_data, tmp_path, **kw), 2.0**127))[0]
+    assert out["step"] == 12
+    assert out["scaler_skips"] > 2  # more skips than the abort limit
+    assert out["scale"] == 2.0 ** (127 - out["scaler_skips"])  # each skip halved the scale once

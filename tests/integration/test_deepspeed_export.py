@@ -14,16 +14,9 @@ from fr_dist.testing import spawn_gloo
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_trainer import _overrides, _train  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from fr_dist.data import make_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("syn_ds")
-    make_synthetic_dataset(
-        out, num_identities=16, images_per_identity=4, heldout_identities=10, heldout_pairs=20, seed=6
-    )
-    return out
+TINY_DATA = dict(
+    num_identities=16, images_per_identity=4, heldout_identities=10, heldout_pairs=20, seed=6
+)  # the conftest's tiny_data fixture
 
 
 @pytest.mark.dist

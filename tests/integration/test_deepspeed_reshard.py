@@ -24,15 +24,9 @@ from test_trainer import _overrides, _register_flat, _train  # noqa: E402
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from fr_dist.data import make_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("syn_ds_reshard")
-    make_synthetic_dataset(
-        out, num_identities=16, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=8
-    )
-    return out
+TINY_DATA = dict(
+    num_identities=16, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=8
+)  # the conftest's tiny_data fixture
 
 
 def _ov(data, out, world):

@@ -33,15 +33,9 @@ PY = sys.executable
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from fr_dist.data import make_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("syn_faults")
-    make_synthetic_dataset(
-        out, num_identities=12, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=7
-    )
-    return out
+TINY_DATA = dict(
+    num_identities=12, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=7
+)  # the conftest's tiny_data fixture
 
 
 class _Evil:

@@ -21,17 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_faults import PY, REPO, _cli_args, _env, _free_port, _wait_for_steps  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from fr_dist.data import make_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("syn_launcher")
-    make_synthetic_dataset(
-        out, num_identities=12, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=5
-    )
-    return out
-
-
 def _launch(args: list[str], log: Path, **env) -> subprocess.Popen:
     cmd = [PY, "-m", "fr_dist.launch", "--standalone", "--nproc-per-node=2", "--monitor-interval=0.2"]
     cmd += ["-m", "fr_dist.cli"] + args

@@ -36,15 +36,9 @@ KILLS = 10
 STEPS = 60
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from fr_dist.data import make_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("syn_restarts")
-    make_synthetic_dataset(
-        out, num_identities=12, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=11
-    )
-    return out
+TINY_DATA = dict(
+    num_identities=12, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=11
+)  # the conftest's tiny_data fixture
 
 
 def _args(data: Path, out: Path, **extra) -> list[str]:

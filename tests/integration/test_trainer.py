@@ -16,15 +16,9 @@ from fr_dist.testing import spawn_gloo
 pytestmark = pytest.mark.dist
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from fr_dist.data import make_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("syn")
-    make_synthetic_dataset(
-        out, num_identities=24, images_per_identity=6, heldout_identities=10, heldout_pairs=20, seed=5
-    )
-    return out
+TINY_DATA = dict(
+    num_identities=24, images_per_identity=6, heldout_identities=10, heldout_pairs=20, seed=5
+)  # the conftest's tiny_data fixture
 
 
 class FlatNet(nn.Module):

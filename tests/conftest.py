@@ -10,30 +10,47 @@ import pytest
 os.environ.setdefault("FR_DIST_WORKER_START", "forkserver")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+
+# ---- reference data --------------------------------------------------------------------------
+# Every correctness test runs on the copies committed under tests/ (reference vectors made by
+# tools/make_reference_vectors.py from OpenSphere's / insightface's code, a RecordIO set written by
+# tools/make_test_fixtures.py) and again on ../shared when it is there (vectors and MXNet-written
+# bytes made independently). FR_DIST_SHARED_DIR moves ../shared (an empty folder: a bare clone).
+SHARED = Path(os.environ.get("FR_DIST_SHARED_DIR") or REPO.parent / "shared")
+COMMITTED = {"golden": REPO / "tests" / "golden", "rec": REPO / "tests" / "fixtures" / "rec_fr_dist"}
+
+
+def _shared_subdir(*parts: str) -> Path:
+    d = SHARED.joinpath(*parts)
+    if not d.is_dir():
+        pytest.skip(f"{d} not found (the ../shared copy beside the repo; the committed copy ran)")
+    return d
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared material not found at {SHARED} (clone with ../shared beside the repo)")
-    return SHARED
+    return _shared_subdir()
+
+
+@pytest.fixture(scope="session", params=["committed", "shared"])
+def golden_dir(request) -> Path:
+    """tests/golden (always), then ../shared/golden (skips when absent); same archive layout."""
+    return COMMITTED["golden"] if request.param == "committed" else _shared_subdir("golden")
+
+
+@pytest.fixture(scope="session", params=["fr_dist", "mxnet"])
+def rec_fixture_dir(request) -> Path:
+    """tests/fixtures/rec_fr_dist (fr_dist's writer), then ../shared/fixtures/mxnet_rec (MXNet 1.9.1)."""
+    return COMMITTED["rec"] if request.param == "fr_dist" else _shared_subdir("fixtures", "mxnet_rec")
 
 
 @pytest.fixture(scope="session")
-def golden_dir(shared_dir) -> Path:
-    d = shared_dir / "golden"
-    if not d.is_dir():
-        pytest.skip(f"golden vectors not found at {d}")
-    return d
+def mxnet_fixture_dir() -> Path:
+    """Only the MXNet-written set, for a test about MXNet's own bytes."""
+    return _shared_subdir("fixtures", "mxnet_rec")
 
 
-@pytest.fixture(scope="session")
-def mxnet_fixture_dir(shared_dir) -> Path:
-    d = shared_dir / "fixtures" / "mxnet_rec"
-    if not d.is_dir():
-        pytest.skip(f"MXNet RecordIO fixture not found at {d}")
-    return d
+# ---- end of reference data ---------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +61,21 @@ def _no_test_backbones_left_registered():
 
     for name in [n for n in registry._REGISTRY if n.startswith("test_")]:
         del registry._REGISTRY[name]
+
+
+# ---- a small synthetic RecordIO set for trainer / launcher / fault tests ----------------------------
+# One fixture for every test module; a module sets TINY_DATA = dict(...) to change the set's size or seed.
+TINY_DATA_DEFAULT = dict(
+    num_identities=12, images_per_identity=4, heldout_identities=4, heldout_pairs=8, seed=5
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(request, tmp_path_factory) -> Path:
+    """A synthetic RecordIO set (train.rec/.idx, heldout.bin) in a temp folder, one per test module."""
+    from fr_dist.data import make_synthetic_dataset
+
+    kw = dict(TINY_DATA_DEFAULT, **getattr(request.module, "TINY_DATA", {}))
+    out = tmp_path_factory.mktemp(f"syn_{request.module.__name__.rsplit('.', 1)[-1]}")
+    make_synthetic_dataset(out, **kw)
+    return out

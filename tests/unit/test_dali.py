@@ -26,11 +26,11 @@ def _ref(rec, key, flip=False):
 
 
 @pytest.fixture()
-def fixture_copy(mxnet_fixture_dir, tmp_path):
+def fixture_copy(rec_fixture_dir, tmp_path):
     d = tmp_path / "rec"
     d.mkdir()
     for f in ("train.rec", "train.idx", "property"):
-        shutil.copy(mxnet_fixture_dir / f, d / f)
+        shutil.copy(rec_fixture_dir / f, d / f)
     return d / "train.rec"
 
 
@@ -103,10 +103,10 @@ def test_mxnet_reader_resume_same_world(fixture_copy):
     assert len(s) == 0
 
 
-def test_sampler_reader_equals_torch_loader(mxnet_fixture_dir):
+def test_sampler_reader_equals_torch_loader(rec_fixture_dir):
     kw = dict(rank=1, world_size=3, batch_size=8, seed=6, num_workers=1, device="cpu", flip=True)
-    dali = build_train_loader(mxnet_fixture_dir / "train.rec", backend="dali", dali_reader="sampler", **kw)
-    torch_ld = build_train_loader(mxnet_fixture_dir / "train.rec", backend="torch", **kw)
+    dali = build_train_loader(rec_fixture_dir / "train.rec", backend="dali", dali_reader="sampler", **kw)
+    torch_ld = build_train_loader(rec_fixture_dir / "train.rec", backend="torch", **kw)
     assert isinstance(dali.sampler, ShardedSampler) and len(dali) == len(torch_ld) == 200 // 24
     for ld in (dali, torch_ld):
         ld.sampler.set_epoch(1)

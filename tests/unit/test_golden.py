@@ -1,4 +1,7 @@
-"""Reproduce the shared golden vectors (OpenSphere SphereFace2, insightface Partial FC) in float64."""
+"""Reproduce the golden vectors (OpenSphere SphereFace2, insightface Partial FC) in float64.
+
+Each test runs on tests/golden (tools/make_reference_vectors.py) and on ../shared/golden when present.
+"""
 
 from __future__ import annotations
 
@@ -144,7 +147,8 @@ def test_pfc_single_process_head_reproduces_golden(pfc):
     for margin, kw in PFC_KW.items():
         pre = f"ws2_{margin}"
         x = torch.tensor(pfc["ws2_x"], requires_grad=True)
-        head = PartialFCHead(16, 37, margin=margin, **kw).double()
+        K, D = pfc["W"].shape
+        head = PartialFCHead(D, K, margin=margin, **kw).double()
         head.load_full_weight(torch.tensor(pfc["W"]))
         loss = head(x, torch.tensor(pfc["ws2_y"]))
         loss.backward()

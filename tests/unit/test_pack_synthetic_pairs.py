@@ -95,8 +95,8 @@ def test_pack_resize_skip_bad_and_info(folder, tmp_path, capsys):
     assert sum(b["identities"] for b in info["histogram"]) == 3
 
 
-def test_info_on_mxnet_fixture(mxnet_fixture_dir, capsys):
-    assert data_main(["info", str(mxnet_fixture_dir / "train.rec"), "--json", "--check"]) == 0
+def test_info_on_mxnet_fixture(rec_fixture_dir, capsys):
+    assert data_main(["info", str(rec_fixture_dir / "train.rec"), "--json", "--check"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["layout"] == "insightface" and info["images"] == 200 and info["num_classes"] == 20
     assert info["histogram"] == [{"images": "8-15", "identities": 20}] and info["check"]["bad"] == 0

@@ -1,4 +1,4 @@
-"""insightface .bin pair files: the MXNet fixture's pairs.bin, Python-2 pickles, round trip."""
+"""insightface .bin pair files: the RecordIO fixtures' pairs.bin, Python-2 pickles, round trip."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from fr_dist.data.pairs import read_bin, write_bin
 from fr_dist.eval.verification import evaluate_pairs, load_bin
 
 
-def test_fixture_pairs_bin_loads_and_evaluates(mxnet_fixture_dir):
-    meta = json.loads((mxnet_fixture_dir / "fixture.json").read_text())["pairs_bin"]
-    images, issame = load_bin(mxnet_fixture_dir / "pairs.bin")
+def test_fixture_pairs_bin_loads_and_evaluates(rec_fixture_dir):
+    meta = json.loads((rec_fixture_dir / "fixture.json").read_text())["pairs_bin"]
+    images, issame = load_bin(rec_fixture_dir / "pairs.bin")
     assert images.shape == (40, 112, 112, 3) and images.dtype == np.uint8
     assert issame.tolist() == meta["issame"]
     # raw-pixel embeddings: a valid (if weak) verifier, evaluated with the 10-fold protocol

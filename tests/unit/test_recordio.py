@@ -1,4 +1,8 @@
-"""RecordIO against the file real MXNet 1.9.1 wrote, writer byte-compatibility, bad input."""
+"""RecordIO against the file real MXNet 1.9.1 wrote, writer byte-compatibility, bad input.
+
+The fixture tests run on tests/fixtures/rec_fr_dist (written by fr_dist, tools/make_test_fixtures.py)
+and on ../shared/fixtures/mxnet_rec (written by MXNet) when present.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from fr_dist.data.recordio import MAGIC, pack_header, unpack_header
 
 
 @pytest.fixture(scope="module")
-def fx(mxnet_fixture_dir):
-    return mxnet_fixture_dir, json.loads((mxnet_fixture_dir / "fixture.json").read_text())
+def fx(rec_fixture_dir):
+    return rec_fixture_dir, json.loads((rec_fixture_dir / "fixture.json").read_text())
 
 
 def test_fixture_layout_counts_labels(fx):
@@ -58,6 +62,7 @@ def test_fixture_decode_equals_independent_decode(fx):
 
 
 def test_writer_bytes_identical_to_mxnet(fx, tmp_path):
+    # [mxnet]: MXNet's own bytes; [fr_dist]: the committed bytes an earlier fr_dist writer made
     d, _ = fx
     rec = open_recordio(d / "train.rec")
     with RecordIOWriter(tmp_path / "copy.rec") as w:  # same records, same order, our framing

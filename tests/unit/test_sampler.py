@@ -122,8 +122,8 @@ def _epoch(loader, epoch):
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-def test_loader_batches_workers_flips(mxnet_fixture_dir):
-    rec_path = mxnet_fixture_dir / "train.rec"
+def test_loader_batches_workers_flips(rec_fixture_dir):
+    rec_path = rec_fixture_dir / "train.rec"
     rec = open_recordio(rec_path)
     kw = dict(rank=1, world_size=2, batch_size=16, seed=5, device="cpu")
     loader = build_train_loader(rec_path, num_workers=2, **kw)
@@ -152,9 +152,9 @@ def test_loader_batches_workers_flips(mxnet_fixture_dir):
     assert torch.allclose(noflip[0][0][0], ref, atol=1e-6)
 
 
-def test_loader_resume_on_other_world_size(mxnet_fixture_dir):
+def test_loader_resume_on_other_world_size(rec_fixture_dir):
     """2 ranks x 8 stop after 3 steps; 4 ranks x 4 resume: the same global batches follow."""
-    rec_path = mxnet_fixture_dir / "train.rec"
+    rec_path = rec_fixture_dir / "train.rec"
 
     def global_batches(W, B, state=None):
         per_rank = []

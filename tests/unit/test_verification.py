@@ -1,5 +1,5 @@
 """insightface 10-fold verification, VAL@FAR, OpenSphere AUC/EER: closed-form cases, random
-embeddings, the MXNet fixture's pairs.bin, and rank-sharded embedding."""
+embeddings, the RecordIO fixtures' pairs.bin, and rank-sharded embedding."""
 
 from __future__ import annotations
 
@@ -142,12 +142,12 @@ def test_evaluate_pairs_bad_input():
 
 
 # ----------------------------------------------------------------------------- .bin + models
-def test_fixture_pairs_bin_loads_and_evaluates(mxnet_fixture_dir):
-    truth = json.loads((mxnet_fixture_dir / "fixture.json").read_text())["pairs_bin"]
-    images, issame = load_bin(mxnet_fixture_dir / "pairs.bin")
+def test_fixture_pairs_bin_loads_and_evaluates(rec_fixture_dir):
+    truth = json.loads((rec_fixture_dir / "fixture.json").read_text())["pairs_bin"]
+    images, issame = load_bin(rec_fixture_dir / "pairs.bin")
     assert images.shape == (40, 112, 112, 3) and images.dtype == np.uint8
     assert issame.dtype == bool and issame.tolist() == truth["issame"]
-    small, _ = load_bin(mxnet_fixture_dir / "pairs.bin", image_size=(56, 56))  # resized
+    small, _ = load_bin(rec_fixture_dir / "pairs.bin", image_size=(56, 56))  # resized
     assert small.shape == (40, 56, 56, 3)
     # raw-pixel embeddings: a valid if weak verifier, through the full 10-fold protocol
     emb = l2_normalize(images.reshape(40, -1) - images.reshape(40, -1).mean(axis=1, keepdims=True))
@@ -155,15 +155,15 @@ def test_fixture_pairs_bin_loads_and_evaluates(mxnet_fixture_dir):
     assert r["pairs"] == 20 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["auc"] <= 1.0
 
 
-def test_verify_bin_with_random_backbone(mxnet_fixture_dir):
+def test_verify_bin_with_random_backbone(rec_fixture_dir):
     torch.manual_seed(0)
     model = create_backbone("iresnet_tiny", embedding_size=32).train()
-    r = verify_bin(model, mxnet_fixture_dir / "pairs.bin", batch_size=16)
+    r = verify_bin(model, rec_fixture_dir / "pairs.bin", batch_size=16)
     assert model.training  # mode restored
     assert set(r) == {"flip", "noflip", "name"} and r["name"] == "pairs"
     for res in (r["flip"], r["noflip"]):
         assert set(res) >= KEYS and res["pairs"] == 20 and 0 <= res["accuracy"] <= 1
-    images, _ = load_bin(mxnet_fixture_dir / "pairs.bin")
+    images, _ = load_bin(rec_fixture_dir / "pairs.bin")
     e, ef = embed_images(model, images[:5], batch_size=2)
     assert e.shape == ef.shape == (5, 32)
     model.eval()

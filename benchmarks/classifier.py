@@ -24,18 +24,18 @@ torch's allocations at all.
 
 CPU (spawns W gloo ranks itself)::
 
-    python benchmarks/classifier.py --world-sizes 1 2 --num-classes 1000 10000 100000 1000000 \\
+    python -m benchmarks.classifier --world-sizes 1 2 --num-classes 1000 10000 100000 1000000 \\
         --pfc-chunks none 8192 --out benchmarks/results/cpu2_202611/classifier.json
 
 Smoke (seconds, ``make bench-smoke``)::
 
-    python benchmarks/classifier.py --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
+    python -m benchmarks.classifier --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
 
 SphereFace2 options of a newer head (``chunk_size``, ``fused_update``, ``proxy_dtype``, ...) are
 passed with ``--sf2-opt key=value`` (repeatable); keys the installed head does not accept are
 reported and ignored. GPU (one configuration per launch; W from torchrun)::
 
-    torchrun --nproc_per_node=8 benchmarks/classifier.py --launcher torchrun --num-classes 2000000 \\
+    torchrun --nproc_per_node=8 -m benchmarks.classifier --launcher torchrun --num-classes 2000000 \\
         --batch 128 --out benchmarks/results/h100x8_202611/classifier_2M.json
 
 Writes JSON (``--out``) and, when matplotlib is present, a PNG beside it.
@@ -46,18 +46,25 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fr_dist import comm  # noqa: E402
-from fr_dist.heads import PartialFCHead, SphereFace2Head  # noqa: E402
+from benchmarks._common import (
+    args_record,
+    cuda_memory,
+    cuda_sync,
+    host_facts,
+    median,
+    pyplot,
+    save_figure,
+    spawn,
+    write_json_atomic,
+)
+from fr_dist import comm
+from fr_dist.heads import PartialFCHead, SphereFace2Head
 
 
 def _accepted(cls, opts: dict) -> tuple[dict, list]:
@@ -86,11 +93,6 @@ def _configure_fused_update(head, lr: float, momentum: float) -> bool:
         if hasattr(row_opt, key):
             setattr(row_opt, key, value)
     return True
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def _peak_above_start_cpu(step) -> int:
@@ -145,8 +147,7 @@ def run_config(
         return x.to(dev).requires_grad_(True), y.to(dev)
 
     def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        cuda_sync(dev)
 
     losses = []
 
@@ -207,7 +208,7 @@ def run_config(
         if dev.type == "cuda":
             sync()
             base = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
+            torch.cuda.reset_peak_memory_stats(dev)  # the peaks of cuda_memory below: this one step
             step()
             sync()
             peak, peak_kind = torch.cuda.max_memory_allocated(dev) - base, "cuda_max_allocated_above_start"
@@ -218,7 +219,7 @@ def run_config(
             raw = _peak_above_start_cpu(step)
             grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
             peak, peak_kind = raw - grads, "torch_profiler_cpu_allocations_above_start_minus_new_grads"
-    med, gmed = _median(times), _median(gtimes)
+    med, gmed = median(times), median(gtimes)
     return dict(
         head=head_name,
         num_classes=K,
@@ -241,15 +242,13 @@ def run_config(
         comm_per_step={k: v for k, v in stats_per_step.items() if "/" in k or k in comm.KINDS},
         peak_step_bytes=peak,
         peak_memory_kind=peak_kind,
+        # driver + allocator view after the steps (max_* over the memory step when it ran): with
+        # gpu_calibrate.py's context figure, what fr_dist.plan's memory model is compared against
+        cuda_memory=cuda_memory(dev),
         loss_first=losses[0],
         loss_last=losses[-1],
         losses=losses,
     )
-
-
-def _spawned(rank, world, cfg):
-    torch.set_num_threads(max(1, cfg.pop("threads")))
-    return run_config(rank, world, **cfg)
 
 
 def label(r: dict) -> str:
@@ -276,13 +275,8 @@ def wire_bytes(r: dict) -> int:
 
 
 def plot(results: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots")
+    plt = pyplot()
+    if plt is None:
         return
     from matplotlib.lines import Line2D
 
@@ -328,9 +322,7 @@ def plot(results: list[dict], out: Path) -> None:
     handles.append(Line2D([], [], color="grey", alpha=0.4, linewidth=6, label="3-GEMM bound (same process)"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
-    print(f"plot: {out.with_suffix('.png')}")
+    save_figure(fig, out, dpi=110)
 
 
 def _parse_opts(items) -> dict:
@@ -410,39 +402,38 @@ def main(argv=None) -> int:
             if env.is_main:
                 results.append(r)
                 print(_summary(r), flush=True)
+                _write(results, a, final=False)  # after every point: a cut run keeps what it measured
         if env.is_main:
             _write(results, a)
         shutdown(0)
-    from fr_dist.testing import spawn_gloo
-
     for W in a.world_sizes:
         for cfg in _configs(a):
             if cfg["K"] > max_k.get(W, cfg["K"]):
                 continue
-            r = spawn_gloo(_spawned, W, args=(dict(cfg, threads=a.threads),), timeout_s=3600)[0]
+            r = spawn(run_config, W, threads=a.threads, **cfg)[0]
             results.append(r)
             print(_summary(r), flush=True)
+            _write(results, a, final=False)  # after every point: a cut run keeps what it measured
     _write(results, a)
     return 0
 
 
-def _write(results, a):
+def _write(results, a, final: bool = True):
+    """The report so far (atomically: temp file + rename); the plot only when ``final``."""
     add_ratios(results)
     report = dict(
         benchmark="classifier",
-        host=platform.node(),
-        machine=platform.machine(),
-        torch=torch.__version__,
-        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        host=host_facts(),
         sphereface2_accepts=sorted(inspect.signature(SphereFace2Head.__init__).parameters)[1:],
-        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        args=args_record(a),
+        complete=final,
         results=results,
     )
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {a.out}")
-        plot(results, a.out)
+        write_json_atomic(a.out, report)
+        if final:
+            print(f"wrote {a.out}")
+            plot(results, a.out)
     return report
 
 

@@ -9,8 +9,8 @@ Measured (all on CPU, same file, same batch size):
 * ``dali_cpu``: the DALI path on CPU (``device_id=None``, ``fn.decoders.image`` on ``cpu``) with
   ``num_threads=1`` (per core) and more threads, both readers (``mxnet`` and ``sampler``).
 
-    python benchmarks/data_loader.py --out benchmarks/results/cpu2_202611/data_loader.json
-    python benchmarks/data_loader.py --rec /data/ms1mv3/train.rec --images 20000
+    python -m benchmarks.data_loader --out benchmarks/results/cpu2_202611/data_loader.json
+    python -m benchmarks.data_loader --rec /data/ms1mv3/train.rec --images 20000
 
 Without ``--rec`` a synthetic set (fr_dist.data.synthetic) is generated in a temp folder.
 Figures depend on the machine and on its load: the JSON records the load average around the run.
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,17 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fr_dist.data import build_train_loader, open_recordio  # noqa: E402
-from fr_dist.data.image import DECODERS  # noqa: E402
-
-
-def _load() -> list:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return []
+from benchmarks._common import host_facts, load_average, synthetic_recordio, write_json_atomic
+from fr_dist.data import build_train_loader, open_recordio
+from fr_dist.data.image import DECODERS
 
 
 def bench_decoders(rec, n: int, repeats: int) -> list[dict]:
@@ -87,35 +77,28 @@ def _time_loader(loader, max_images: int, warmup_batches: int = 2) -> dict:
     return dict(images=n, seconds=dt, images_per_s=n / dt)
 
 
+def _bench_loader(rec_path, batch: int, images: int, cores: int, record: dict, **loader_kw) -> dict:
+    """Images/s of one ``build_train_loader`` configuration (random flip on), as ``record`` + the timing."""
+    ld = build_train_loader(rec_path, 0, 1, batch, seed=0, device="cpu", flip=True, **loader_kw)
+    r = _time_loader(ld, images)
+    del ld
+    return dict(record, cores=cores, images_per_s_per_core=r["images_per_s"] / cores, **r)
+
+
 def bench_torch(rec_path, batch: int, images: int, workers_list: list[int]) -> list[dict]:
-    out = []
-    for workers in workers_list:
-        for normalize in ("device", "worker"):
-            ld = build_train_loader(
-                rec_path,
-                0,
-                1,
-                batch,
-                seed=0,
-                num_workers=workers,
-                device="cpu",
-                flip=True,
-                normalize=normalize,
-            )
-            r = _time_loader(ld, images)
-            cores = max(1, workers)
-            out.append(
-                dict(
-                    path="torch",
-                    num_workers=workers,
-                    normalize=normalize,
-                    cores=cores,
-                    images_per_s_per_core=r["images_per_s"] / cores,
-                    **r,
-                )
-            )
-            del ld
-    return out
+    return [
+        _bench_loader(
+            rec_path,
+            batch,
+            images,
+            max(1, workers),
+            dict(path="torch", num_workers=workers, normalize=normalize),
+            num_workers=workers,
+            normalize=normalize,
+        )
+        for workers in workers_list
+        for normalize in ("device", "worker")
+    ]
 
 
 def bench_dali(rec_path, batch: int, images: int, threads_list: list[int]) -> list[dict]:
@@ -123,34 +106,20 @@ def bench_dali(rec_path, batch: int, images: int, threads_list: list[int]) -> li
         import nvidia.dali  # noqa: F401
     except ImportError:
         return [dict(path="dali_cpu", skipped="nvidia-dali not installed")]
-    out = []
-    for threads in threads_list:
-        for reader in ("mxnet", "sampler"):
-            ld = build_train_loader(
-                rec_path,
-                0,
-                1,
-                batch,
-                seed=0,
-                num_workers=threads,
-                device="cpu",
-                backend="dali",
-                dali_reader=reader,
-                flip=True,
-            )
-            r = _time_loader(ld, images)
-            out.append(
-                dict(
-                    path="dali_cpu",
-                    reader=reader,
-                    num_threads=threads,
-                    cores=threads,
-                    images_per_s_per_core=r["images_per_s"] / threads,
-                    **r,
-                )
-            )
-            del ld
-    return out
+    return [
+        _bench_loader(
+            rec_path,
+            batch,
+            images,
+            threads,
+            dict(path="dali_cpu", reader=reader, num_threads=threads),
+            num_workers=threads,
+            backend="dali",
+            dali_reader=reader,
+        )
+        for threads in threads_list
+        for reader in ("mxnet", "sampler")
+    ]
 
 
 def main(argv=None) -> int:
@@ -169,35 +138,17 @@ def main(argv=None) -> int:
     tmp = None
     rec_path = args.rec
     if rec_path is None:
-        from fr_dist.data.synthetic import make_synthetic_dataset
-
         tmp = tempfile.TemporaryDirectory(prefix="fr_dist_bench_")
         need = max(args.images + 4 * args.batch, args.decode_images)
-        ids = -(-need // 16)
         t = time.perf_counter()
-        make_synthetic_dataset(
-            tmp.name,
-            num_identities=ids,
-            images_per_identity=16,
-            heldout_pairs=0,
-            heldout_identities=0,
-            seed=0,
-            progress=False,
-        )
+        rec_path = str(synthetic_recordio(Path(tmp.name), -(-need // 16), 16))
         gen_s = time.perf_counter() - t
-        rec_path = str(Path(tmp.name) / "train.rec")
     rec = open_recordio(rec_path)
     payload = np.mean([len(rec.read(k)[1]) for k in rec.image_keys[:200]])
-    load_before = _load()
+    load_before = load_average()
     res = dict(
         benchmark="data_loader",
-        host=dict(
-            machine=platform.machine(),
-            processor=platform.processor(),
-            cpu_count=os.cpu_count(),
-            python=platform.python_version(),
-            torch=torch.__version__,
-        ),
+        host=host_facts(),
         dataset=dict(
             rec=str(rec_path) if args.rec else "synthetic (fr_dist.data.synthetic, seed 0)",
             images=rec.num_images,
@@ -216,7 +167,7 @@ def main(argv=None) -> int:
             "normalize=device: workers ship uint8 and the consumer normalises; worker: workers ship float32",
         ],
         load_average_before=load_before,
-        load_average_after=_load(),
+        load_average_after=load_average(),
     )
     if tmp is not None:
         res["dataset"]["generation_s"] = gen_s
@@ -226,11 +177,9 @@ def main(argv=None) -> int:
         res["host"]["dali"] = dali.__version__
     except ImportError:
         pass
-    text = json.dumps(res, indent=1)
-    print(text)
+    print(json.dumps(res, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json_atomic(Path(args.out), res)
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -1,7 +1,7 @@
 """The largest classifier this machine trains: SphereFace2 over K identities on W gloo ranks.
 
-    python benchmarks/largest_run.py --num-classes 10M --steps 200        # the record (minutes)
-    python benchmarks/largest_run.py --smoke                              # CI: seconds
+    python -m benchmarks.largest_run --num-classes 10M --steps 200        # the record (minutes)
+    python -m benchmarks.largest_run --smoke                              # CI: seconds
 
 Each rank holds its shard of the K x D proxies (bf16 storage, fused SGD-momentum update, so the
 [n, D] gradient never exists) and trains on synthetic clustered embeddings: a pool of ``--pool``
@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks._common import median, peak_rss_bytes, spawn, write_json_atomic
+from fr_dist import plan as P
+from fr_dist.heads import create_head
+from fr_dist.heads.row_optim import RowOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fr_dist import plan as P  # noqa: E402
-from fr_dist.heads import create_head  # noqa: E402
-from fr_dist.heads.sf2_fused import RowOptimizer  # noqa: E402
 
 
 def planner_bytes(a) -> dict:
@@ -57,83 +53,71 @@ def planner_bytes(a) -> dict:
     return dict(memory_per_rank=mem, max_identities=P.max_identities(cfg, hw), rank_memory=hw.memory_bytes)
 
 
-def worker(rank: int, a) -> None:
-    torch.set_num_threads(1)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=a.world_size, timeout=datetime.timedelta(seconds=900)
+def worker(rank: int, world: int, a) -> dict:
+    """One rank: build its shard, train ``a.steps`` steps; its peak RSS, step time and losses."""
+    rss0 = peak_rss_bytes()
+    t0 = time.time()
+    head = create_head(
+        "sphereface2",
+        embedding_size=a.dim,
+        num_classes=a.num_classes,
+        fused_update=True,
+        proxy_dtype="bf16",
+        sample_rate=a.sample_rate,
+        seed=1,
     )
-    code = 1
-    try:
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        t0 = time.time()
-        head = create_head(
-            "sphereface2",
-            embedding_size=a.dim,
-            num_classes=a.num_classes,
-            fused_update=True,
-            proxy_dtype="bf16",
-            sample_rate=a.sample_rate,
-            seed=1,
+    head.row_optimizer = RowOptimizer(lr=a.lr, momentum=0.9, weight_decay=5e-4)
+    opt_bias = torch.optim.SGD([head.bias], lr=a.lr, momentum=0.9)
+    build_s = time.time() - t0
+    gen = torch.Generator().manual_seed(1234)  # same pool and centres on every rank
+    pool = torch.linspace(0, a.num_classes - 1, a.pool).round().long()  # [P] identities over [0, K)
+    centres = torch.nn.functional.normalize(torch.randn(a.pool, a.dim, generator=gen), dim=1)  # [P, D]
+    data = torch.Generator().manual_seed(99 + rank)  # each rank draws its own batch
+    losses, times = [], []
+    for _ in range(a.steps):
+        pick = torch.randint(0, a.pool, (a.batch,), generator=data)  # [B]
+        x = centres[pick] + a.noise * torch.randn(a.batch, a.dim, generator=data)  # [B, D]
+        ts = time.perf_counter()
+        loss = head(x, pool[pick])
+        opt_bias.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_bias.step()
+        times.append(time.perf_counter() - ts)
+        losses.append(float(loss.detach()))
+    return dict(
+        rank=rank,
+        num_local=head.num_local,
+        shard_bytes=head.weight.numel() * head.weight.element_size()
+        + head.weight_momentum.numel() * head.weight_momentum.element_size(),
+        peak_rss_bytes=peak_rss_bytes(),
+        rss_before_head_bytes=rss0,
+        build_s=build_s,
+        step_s_median=median(times),
+        losses=losses,
+    )
+
+
+def report(a, ranks: list[dict]) -> dict:
+    """The JSON of the run (rank 0's losses; every rank's memory), written to ``a.out`` and printed."""
+    losses = ranks[0]["losses"]
+    first, last = losses[: max(1, a.steps // 10)], losses[-max(1, a.steps // 10) :]
+    res = dict(
+        settings=vars(a),
+        ranks=ranks,
+        loss_first=sum(first) / len(first),
+        loss_last=sum(last) / len(last),
+        planner=planner_bytes(a),
+    )
+    write_json_atomic(Path(a.out), res)  # temp file + rename: never half a file
+    pred = res["planner"]["memory_per_rank"]["total"]
+    for r in ranks:
+        print(
+            f"rank {r['rank']}: {r['num_local']:,} classes, shard {r['shard_bytes'] / 2**30:.2f} GiB, "
+            f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (planner {pred / 2**30:.2f} GiB, "
+            f"{r['peak_rss_bytes'] / pred - 1:+.1%}), step {r['step_s_median'] * 1e3:.0f} ms"
         )
-        head.row_optimizer = RowOptimizer(lr=a.lr, momentum=0.9, weight_decay=5e-4)
-        opt_bias = torch.optim.SGD([head.bias], lr=a.lr, momentum=0.9)
-        build_s = time.time() - t0
-        gen = torch.Generator().manual_seed(1234)  # same pool and centres on every rank
-        pool = torch.linspace(0, a.num_classes - 1, a.pool).round().long()  # [P] identities over [0, K)
-        centres = torch.nn.functional.normalize(torch.randn(a.pool, a.dim, generator=gen), dim=1)  # [P, D]
-        data = torch.Generator().manual_seed(99 + rank)  # each rank draws its own batch
-        losses, times = [], []
-        for _ in range(a.steps):
-            pick = torch.randint(0, a.pool, (a.batch,), generator=data)  # [B]
-            x = centres[pick] + a.noise * torch.randn(a.batch, a.dim, generator=data)  # [B, D]
-            ts = time.perf_counter()
-            loss = head(x, pool[pick])
-            opt_bias.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_bias.step()
-            times.append(time.perf_counter() - ts)
-            losses.append(float(loss.detach()))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out = dict(
-            rank=rank,
-            num_local=head.num_local,
-            shard_bytes=head.weight.numel() * head.weight.element_size()
-            + head.weight_momentum.numel() * head.weight_momentum.element_size(),
-            peak_rss_bytes=peak,
-            rss_before_head_bytes=rss0,
-            build_s=build_s,
-            step_s_median=sorted(times)[len(times) // 2],
-            losses=losses,
-        )
-        gathered = [None] * a.world_size
-        dist.all_gather_object(gathered, out)
-        if rank == 0:
-            first, last = losses[: max(1, a.steps // 10)], losses[-max(1, a.steps // 10) :]
-            res = dict(
-                settings=vars(a),
-                ranks=gathered,
-                loss_first=sum(first) / len(first),
-                loss_last=sum(last) / len(last),
-                planner=planner_bytes(a),
-            )
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(res, indent=1))
-            pred = res["planner"]["memory_per_rank"]["total"]
-            for r in gathered:
-                print(
-                    f"rank {r['rank']}: {r['num_local']:,} classes, shard {r['shard_bytes'] / 2**30:.2f} GiB, "
-                    f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (planner {pred / 2**30:.2f} GiB, "
-                    f"{r['peak_rss_bytes'] / pred - 1:+.1%}), step {r['step_s_median'] * 1e3:.0f} ms"
-                )
-            print(f"loss {res['loss_first']:.4f} (first 10%) -> {res['loss_last']:.4f} (last 10%); {a.out}")
-        dist.barrier()
-        dist.destroy_process_group()
-        code = 0
-    finally:  # torch 2.13 + gloo may abort at interpreter exit: leave through os._exit
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    print(f"loss {res['loss_first']:.4f} (first 10%) -> {res['loss_last']:.4f} (last 10%); {a.out}")
+    return res
 
 
 def main(argv=None) -> int:
@@ -147,7 +131,6 @@ def main(argv=None) -> int:
     p.add_argument("--pool", type=int, default=4096, help="identities that occur in the stream")
     p.add_argument("--noise", type=float, default=0.02, help="per-coordinate std around the centre")
     p.add_argument("--lr", type=float, default=0.2)
-    p.add_argument("--port", type=int, default=29631)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="K=20k, 5 steps (CI)")
     a = p.parse_args(argv)
@@ -162,8 +145,7 @@ def main(argv=None) -> int:
         else:
             sub = f"cpu{os.cpu_count()}_{datetime.date.today():%Y%m}"
             a.out = str(ROOT / "benchmarks" / "results" / sub / "largest_run.json")
-    os.environ["MASTER_PORT"] = str(a.port)
-    mp.start_processes(worker, args=(a,), nprocs=a.world_size, start_method="spawn", join=True)
+    report(a, spawn(worker, a.world_size, timeout_s=3600, a=a))
     return 0
 
 

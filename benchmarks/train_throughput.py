@@ -1,66 +1,68 @@
-"""End-to-end training throughput: backbone + class-sharded head + data, for both heads.
+"""End-to-end training throughput: the trainer's own step, ``Trainer.train_step``, for both heads.
 
-For every (head, input source) it trains the real thing (``create_backbone`` under DDP,
-``create_head`` sharded over the ranks, SGD on both, the project's loaders) and reports
+For every (head, input source) it builds the real :class:`~fr_dist.train.trainer.Trainer` from a config
+(``fr_dist.train.config_load.load_config``: the backbone under DDP, the class-sharded head, both optimizers,
+the LR schedules, clipping and the GradScaler of ``fr-dist train``), feeds it the source's batches and
+times ``train_step`` itself; it reports
 
-* ``free``: images/s per rank and global of the unmodified step (the trainer's math: DDP
-  overlaps its gradient all-reduce with the backward, no timers, no barriers);
-* ``timed``: the same step cut into phases, each closed by a synchronisation point, giving the
-  share of the step spent waiting on data, in the backbone (forward + backward + optimizer
-  step), in the head (forward + backward + update, its own collectives excluded) and in
-  collectives (the head's all-gather / reduce-scatter / all-reduce, and the backbone's
-  gradient all-reduce).
+* ``free``: images/s per rank and global of the unmodified step (DDP overlaps its gradient all-reduce with
+  the backward; no hooks, no barriers);
+* ``timed``: the same ``train_step`` cut into phases, each closed by a synchronisation point, giving the
+  share of the step spent waiting on data, in the backbone (forward + backward + optimizer step), in the
+  head (forward + backward + update, its own collectives excluded) and in collectives (the head's
+  all-gather / reduce-scatter / all-reduce, and the backbone's gradient all-reduce).
 
-Timers. A phase ends with ``torch.cuda.synchronize`` on a GPU (kernels are asynchronous) and a
-``dist.barrier`` when there is more than one rank; every rank records per phase its work (to
-the sync), its wall time (to the barrier exit) and the time inside collectives, and the records
-are gathered over ranks. Compute costs what the slowest rank spent (max over ranks); a
-collective costs what the rank that arrived last spent in it (min over ranks: on gloo the
-others also waited there for it); ``sync`` is the rest of the phase's wall time (barrier
-latency + rank imbalance). The phases thus add up to the wall time of the barriered step
-without counting a wait twice. The head's collectives are timed by wrapping fr_dist.comm's
-collectives (all traffic goes through them; a call counter checks that the timer saw every
-call counted by ``comm.comm_stats``). To time the backbone's gradient all-reduce on its own,
-the timed step runs the backward under ``no_sync`` and all-reduces the flattened gradients once
-with ``comm.all_reduce`` (DDP's math, without its overlap). The ``free`` images/s is the
-headline figure; ``timed`` costs a few barriers more.
+Timers. The timed step is the same ``train_step`` call with hooks marking where its sub-phases end: the
+batch iterator returning (data), the head's forward pre-hook (backbone forward), the gradient of the
+head's input embeddings (a tensor hook: head forward + backward), the backbone optimizer's step pre-hook
+(backbone backward, unscale and clip) and post-hook (its update), ``train_step`` returning (head update +
+LR schedules). A sub-phase ends with ``torch.cuda.synchronize`` on a GPU (kernels are asynchronous) and
+a ``dist.barrier`` when there is more than one rank; every rank records per sub-phase its work (to the
+sync), its wall time (to the barrier exit) and the time inside collectives, and the records are gathered
+over ranks. Compute costs what the slowest rank spent (max over ranks); a collective costs what the rank
+that arrived last spent in it (min over ranks: on gloo the others also waited there for it); ``sync`` is
+the rest of the sub-phase's wall time (barrier latency + rank imbalance). The phases thus add up to the
+wall time of the barriered step without counting a wait twice. Collectives are timed by wrapping
+fr_dist.comm's (all of the head's traffic goes through them; a call counter checks that the timer saw
+every call counted by ``comm.comm_stats``). To time the backbone's gradient all-reduce on its own, the
+timed steps (after the free ones) run DDP with a communication hook that all-reduces each gradient bucket
+with ``comm.all_reduce`` at once (DDP's math, without its overlap). The ``free`` images/s is the headline
+figure; ``timed`` costs a few barriers more.
 
-Input sources: ``synthetic`` (in-memory tensors on the device, data time ~ 0), ``torch``
-(RecordIO + DataLoader workers; on CUDA pinned memory + side-stream prefetch) and ``dali``
-(``cpu`` decoder here, nvJPEG ``mixed`` on a GPU). Without ``--rec`` a synthetic RecordIO set is
-generated once into ``--data-dir`` (default ``/tmp/fr_dist_bench``) and reused.
+Input sources: ``synthetic`` (in-memory tensors on the device, data time ~ 0), ``torch`` (RecordIO +
+DataLoader workers; on CUDA pinned memory + side-stream prefetch) and ``dali`` (``cpu`` decoder here,
+nvJPEG ``mixed`` on a GPU): the trainer's own loader (``fr_dist.train.run.build_trainer``, ``data.loader``).
+Without ``--rec`` a synthetic RecordIO set is generated once into ``--data-dir`` (default
+``/tmp/fr_dist_bench``) and reused. ``--set KEY=VALUE`` passes any other config override
+(``train.clip_grad_norm=0``, ``head.sphereface2.fused_update=true``, ...).
 
     # CPU, 2 gloo ranks spawned here, the demo's tiny iresnet (configs/demo_cpu.yaml)
-    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --world-size 2 --batch 64 --steps 8 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.train_throughput --world-size 2 --batch 64 --steps 8 \\
         --warmup 2 --out benchmarks/results/cpu2_202611/train_throughput.json
     # merged into the same JSON / plot (--append): iresnet50 at batch 8, the tiny net at K = 100k
-    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --world-size 2 --backbone iresnet50 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.train_throughput --world-size 2 --backbone iresnet50 \\
         --embedding-size 512 --backbone-kwargs '{}' --batch 8 --steps 3 --warmup 1 \\
         --sources synthetic torch --append --out benchmarks/results/cpu2_202611/train_throughput.json
-    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --world-size 2 --batch 64 --steps 5 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.train_throughput --world-size 2 --batch 64 --steps 5 \\
         --warmup 2 --num-classes 100000 --sources synthetic torch --append --out .../train_throughput.json
     # GPU: W from torchrun, backend from fr_dist.runtime (NCCL on CUDA; with one process the
     # script still opens a 1-rank group, so every collective of the step runs through NCCL)
-    torchrun --nproc_per_node=1 benchmarks/train_throughput.py --launcher torchrun \\
+    torchrun --nproc_per_node=1 -m benchmarks.train_throughput --launcher torchrun \\
         --backbone iresnet50 --embedding-size 512 --backbone-kwargs '{}' --num-classes 1000000 \\
         --batch 128 --amp bf16 --out benchmarks/results/h100_202611/train_throughput.json
     # loader alone (DALI ``mixed`` on a GPU), and the largest K one device holds
-    python benchmarks/train_throughput.py --mode data --sources torch dali --device cuda
-    python benchmarks/train_throughput.py --mode capacity --device cuda --embedding-size 512
+    python -m benchmarks.train_throughput --mode data --sources torch dali --device cuda
+    python -m benchmarks.train_throughput --mode capacity --device cuda --embedding-size 512
     # seconds-long CI smoke (2 ranks, tiny everything)
-    python benchmarks/train_throughput.py --smoke
+    python -m benchmarks.train_throughput --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -68,19 +70,34 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fr_dist import comm  # noqa: E402
-from fr_dist.data import build_train_loader  # noqa: E402
-from fr_dist.heads import create_head  # noqa: E402
-from fr_dist.models import create_backbone  # noqa: E402
-from fr_dist.train.config import HeadConfig, TrainConfig  # noqa: E402
-from fr_dist.train.engines import ParallelDims, apply_ddp  # noqa: E402
-from fr_dist.train.optim import build_head_optimizer, build_optimizer, param_groups  # noqa: E402
+from benchmarks._common import (
+    args_record,
+    cuda_memory,
+    cuda_sync,
+    host_facts,
+    peak_rss_bytes,
+    pyplot,
+    save_figure,
+    spawn,
+    synthetic_recordio,
+    write_json_atomic,
+)
+from benchmarks.gpu_calibrate import base_profile, head_plan_kwargs
+from fr_dist import comm
+from fr_dist.data import build_train_loader
+from fr_dist.heads import create_head
+from fr_dist.runtime import DistEnv
+from fr_dist.train.config import HeadConfig, TrainConfig
+from fr_dist.train.config_load import load_config
+from fr_dist.train.optim import build_head_optimizer, row_optimizer_args
+from fr_dist.train.run import build_trainer
+from fr_dist.train.trainer import Trainer
 
 PHASES = ("data", "backbone", "head", "comm", "sync")
-# the timed step's sub-phases in order, each charged to a phase (its collectives go to "comm")
-SUBPHASES = ("data", "backbone", "head", "backbone", "comm", "backbone", "head")
+# the timed step's sub-phases in order (StepTimer's marks), each charged to a phase; the collectives
+# inside a sub-phase (the head's, the backbone's gradient all-reduce in its backward) go to "comm"
+SUBPHASES = ("data", "backbone", "head", "backbone", "backbone", "head")
+DATA, BACKBONE_FWD, HEAD, BACKBONE_BWD, BACKBONE_STEP, HEAD_STEP = range(len(SUBPHASES))
 SOURCES = ("synthetic", "torch", "dali")
 DEMO_KWARGS = {"layers": [1, 1, 1, 1], "width": 16, "stem_stride": 2}  # configs/demo_cpu.yaml
 
@@ -99,10 +116,10 @@ class CommTimer:
         def timed(*args, **kwargs):
             if not self.active:
                 return fn(*args, **kwargs)
-            _cuda_sync(self.device)
+            cuda_sync(self.device)
             t = time.perf_counter()
             out = fn(*args, **kwargs)
-            _cuda_sync(self.device)
+            cuda_sync(self.device)
             self.seconds += time.perf_counter() - t
             self.calls += 1
             return out
@@ -125,40 +142,87 @@ class CommTimer:
         return s, c
 
 
-def _cuda_sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
 
 
+def _bucket_all_reduce(world: int):
+    """A DDP communication hook: each gradient bucket averaged over ranks by ``comm.all_reduce`` before
+    the hook returns (DDP's math without its overlap; the collective is timed and counted by fr_dist.comm)."""
+
+    def hook(state, bucket):
+        fut = torch.futures.Future()
+        fut.set_result(comm.all_reduce(bucket.buffer(), name="backbone_grads") / world)  # [bucket numel]
+        return fut
+
+    return hook
+
+
+class StepTimer:
+    """Cuts ``trainer.train_step`` into SUBPHASES at hooks (module docstring) while installed: per timed
+    step, this rank's [sub-phase, (work, wall, comm)] seconds."""
+
+    def __init__(self, trainer: Trainer, world: int, timer: CommTimer):
+        self.trainer, self.world, self.timer = trainer, world, timer
+        self.row, self.start, self.calls, self.handles = None, 0.0, 0, []
+
+    def install(self) -> None:
+        opt = self.trainer.bb.optimizer
+        self.handles = [
+            self.trainer.head.register_forward_pre_hook(self._head_starts),
+            opt.register_step_pre_hook(lambda *_: self.close(BACKBONE_BWD)),
+            opt.register_step_post_hook(lambda *_: self.close(BACKBONE_STEP)),
+        ]
+        ddp = self.trainer.bb.module
+        if self.world > 1 and hasattr(ddp, "register_comm_hook"):  # once: the free steps ran without it
+            ddp.register_comm_hook(None, _bucket_all_reduce(self.world))
+        comm.reset_comm_stats()
+        self.timer.install()
+        self.timer.active = True
+
+    def uninstall(self) -> None:
+        self.timer.active = False
+        self.timer.uninstall()
+        for h in self.handles:
+            h.remove()
+
+    def _head_starts(self, module, args) -> None:
+        self.close(BACKBONE_FWD)
+        emb = args[0]  # [B, D], what the head differentiates: its gradient ends the head's backward
+        if emb.requires_grad:
+            emb.register_hook(lambda grad: self.close(HEAD))
+
+    def batches(self, source):
+        """``source``'s batches, the data sub-phase closed as each is handed over."""
+        for batch in source:
+            self.close(DATA)
+            yield batch
+
+    def close(self, i: int) -> None:
+        """End sub-phase ``i``: its work (to the device sync), its wall (to the barrier exit), its collectives."""
+        cuda_sync(self.trainer.device)
+        work = time.perf_counter() - self.start
+        _barrier(self.world)
+        comm_s, calls = self.timer.take()
+        self.row[i] += torch.tensor([work, time.perf_counter() - self.start, comm_s], dtype=torch.float64)
+        self.calls += calls
+        self.start = time.perf_counter()
+
+    def step(self, batches) -> dict:
+        """One barriered ``train_step``; its sub-phases added to ``self.row``."""
+        cuda_sync(self.trainer.device)
+        _barrier(self.world)
+        self.timer.take()
+        self.start = time.perf_counter()
+        out = self.trainer.train_step(batches)
+        self.close(HEAD_STEP)
+        return out
+
+
 # ----------------------------------------------------------------------------- data sources
-def ensure_dataset(data_dir: Path, identities: int, per_identity: int) -> Path:
-    """A synthetic RecordIO set (fr_dist.data.synthetic), generated once and reused."""
-    out = data_dir / f"synthetic_{identities}x{per_identity}"
-    rec = out / "train.rec"
-    if (out / ".complete").exists():
-        return rec
-    from fr_dist.data import make_synthetic_dataset
-
-    make_synthetic_dataset(
-        out,
-        num_identities=identities,
-        images_per_identity=per_identity,
-        heldout_identities=0,
-        heldout_pairs=0,
-        seed=0,
-        progress=False,
-    )
-    (out / ".complete").write_text("ok\n")
-    return rec
-
-
 def endless(loader):
-    """(images, labels) forever, one sampler epoch after the other (like Trainer._batches)."""
+    """(images, labels) forever, one sampler epoch after the other (the loader alone: ``--mode data``)."""
     epoch = 0
     while True:
         loader.sampler.set_epoch(epoch)
@@ -166,63 +230,189 @@ def endless(loader):
         epoch += 1
 
 
-def synthetic_batches(batch: int, K: int, size: int, device, rank: int, n: int = 4):
-    """In-memory float32 [B, 3, S, S] images in [-1, 1] and labels < K, cycled."""
-    g = torch.Generator().manual_seed(100 + rank)
-    pool = [
-        (
-            (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device),
-            torch.randint(0, K, (batch,), generator=g).to(device),
-        )
-        for _ in range(n)
-    ]
-    i = 0
-    while True:
-        yield pool[i % n]
-        i += 1
+class InMemoryLoader:
+    """The ``synthetic`` source as the trainer's loader: ``n`` in-memory batches of float32 [B, 3, S, S]
+    images in [-1, 1] and labels < K on the device, one epoch = the ``n`` batches (data time ~ 0)."""
+
+    def __init__(self, batch: int, K: int, size: int, device, rank: int, n: int = 4):
+        g = torch.Generator().manual_seed(100 + rank)
+        self.pool = [
+            (
+                (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device),
+                torch.randint(0, K, (batch,), generator=g).to(device),
+            )
+            for _ in range(n)
+        ]
+        self.sampler = self  # the trainer sets the sampler's epoch: nothing to reshuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __iter__(self):
+        return iter(self.pool)
 
 
-def make_source(source: str, a, rank: int, world: int, device, K: int):
+def _dali_missing() -> str | None:
+    from fr_dist.data.dali import dali_available
+
+    return None if dali_available() else "nvidia-dali not installed"
+
+
+def source_detail(source: str, a, device) -> str:
     if source == "synthetic":
-        return synthetic_batches(a.batch, K, a.input_size, device, rank), "in-memory"
-    backend = "dali" if source == "dali" else "torch"
-    if backend == "dali":
-        from fr_dist.data.dali import dali_available
+        return "in-memory"
+    detail = f"{source}, workers/threads={a.workers}"
+    if source == "dali":
+        return detail + ", decoder=" + ("mixed (nvJPEG)" if device.type == "cuda" else "cpu")
+    return detail + (", pinned + side-stream prefetch" if device.type == "cuda" else "")
 
-        if not dali_available():
-            return None, "nvidia-dali not installed"
+
+def make_source(source: str, a, rank: int, world: int, device):
+    """The loader alone (``--mode data``): endless batches of ``build_train_loader``, or (None, why not)."""
+    if source == "dali" and _dali_missing():
+        return None, _dali_missing()
     ld = build_train_loader(
-        a.rec, rank, world, a.batch, seed=0, num_workers=a.workers, device=device, backend=backend
+        a.rec, rank, world, a.batch, seed=0, num_workers=a.workers, device=device, backend=source
     )
-    detail = f"{backend}, workers/threads={a.workers}"
-    if backend == "dali":
-        detail += ", decoder=" + ("mixed (nvJPEG)" if device.type == "cuda" else "cpu")
-    elif device.type == "cuda":
-        detail += ", pinned + side-stream prefetch"
-    return endless(ld), detail
+    return endless(ld), source_detail(source, a, device)
 
 
 # ----------------------------------------------------------------------------- one configuration
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+def config_overrides(a, head_name: str, source: str, output_dir: str) -> list[str]:
+    """``fr-dist train`` overrides of one (head, source): the benchmark's flags, then ``--set``."""
+    ov = {
+        "output_dir": output_dir,
+        "device": "cuda" if a.device_resolved.startswith("cuda") else "cpu",
+        "model.name": a.backbone,
+        "model.embedding_size": a.embedding_size,
+        "model.input_size": a.input_size,
+        "model.channels_last": a.channels_last,
+        "model.kwargs": a.backbone_kwargs,
+        "head.name": head_name,
+        "head.dtype": a.head_dtype,
+        "data.rec": a.rec or "in-memory",
+        "data.num_classes": a.num_classes,
+        "data.batch_size": a.batch,
+        "data.num_workers": a.workers,
+        "data.loader": "torch" if source == "synthetic" else source,
+        "train.lr": a.lr,
+        "train.amp": a.amp,
+        "train.max_steps": 10**6,  # the poly schedule barely moves the LR over the measured steps
+        "train.tensorboard": False,
+        "checkpoint.save_at_end": False,
+        "checkpoint.save_on_signal": False,
+    }
+    ov.update({f"head.{head_name}.{k}": v for k, v in a.head_kwargs.get(head_name, {}).items()})
+    return [f"{k}={json.dumps(v)}" for k, v in ov.items()] + list(a.set)  # JSON values are YAML
 
 
-def _head_forward(head, emb, labels, device, head_dtype: str):
-    """As Trainer._head_forward: the head in fp32 (or bf16 autocast), whatever the backbone's AMP."""
-    if head_dtype == "bf16":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return head(emb, labels)
-    with torch.autocast(device.type, enabled=False):
-        return head(emb.float(), labels)
+def make_trainer(rank: int, world: int, head_name: str, source: str, a, device, output_dir: str):
+    """The Trainer of one (head, source) on this rank (``train_step`` is what is timed) and its overrides."""
+    overrides = config_overrides(a, head_name, source, output_dir)
+    cfg = load_config(None, overrides, check_paths=False)
+    env = DistEnv(rank=rank, world_size=world)
+    if source == "synthetic":
+        loader = InMemoryLoader(a.batch, a.num_classes, a.input_size, device, rank)
+        trainer = Trainer(cfg, env, device, loader, a.num_classes)
+    else:
+        trainer = build_trainer(cfg, env, device)  # the training's own loader (data.loader)
+    return trainer, overrides
 
 
-def _configure_row_optimizer(head, tcfg: TrainConfig) -> None:
-    """A head with a fused in-pass update (``fused_update=True``) owns its proxies' optimizer."""
-    ro = getattr(head, "row_optimizer", None)
-    if ro is not None:
-        ro.lr, ro.momentum, ro.weight_decay = tcfg.lr, tcfg.momentum, tcfg.weight_decay
+def run_config(rank: int, world: int, head_name: str, source: str, a, device, timer: CommTimer) -> dict:
+    """Free-running and phase-timed ``train_step`` calls of one (head, source); figures max-reduced over ranks."""
+    if source == "dali" and _dali_missing():
+        return dict(head=head_name, source=source, skipped=_dali_missing())
+    if device.type == "cuda":  # this configuration's own peak (the previous ones are freed by now)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory(prefix="fr_dist_tt_") as run_dir:
+        trainer, overrides = make_trainer(rank, world, head_name, source, a, device, run_dir)
+        try:
+            return _measure(trainer, overrides, world, head_name, source, a, device, timer)
+        finally:
+            trainer.log.close()
+
+
+def _measure(trainer, overrides, world, head_name, source, a, device, timer) -> dict:
+    batches = trainer._batches()  # the trainer's own stream of its loader (sampler epochs, resumable)
+    losses, images = [], 0
+
+    def step(it) -> None:
+        nonlocal images
+        out = trainer.train_step(it)
+        losses.append(out["loss"])
+        images += out["images"]
+
+    # ---- warm-up (allocator, cudnn autotune, worker start-up, DALI pipeline build, DDP bucket rebuild)
+    for _ in range(a.warmup):
+        step(batches)
+    # ---- free-running steps: the headline images/s
+    cuda_sync(device)
+    _barrier(world)
+    images, t0 = 0, time.perf_counter()
+    for _ in range(a.steps):
+        step(batches)
+    cuda_sync(device)
+    free_s = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    free_s = float(_max_over_ranks(free_s, world, device))
+    free_images = images  # global images (the step counts W x B per micro-step)
+    # ---- phase-timed steps: the same train_step, cut at hooks
+    st = StepTimer(trainer, world, timer)
+    st.install()
+    rows = []
+    try:
+        timed = st.batches(batches)
+        for _ in range(a.steps):
+            st.row = torch.zeros(len(SUBPHASES), 3, dtype=torch.float64)
+            step(timed)
+            rows.append(st.row)
+    finally:
+        st.uninstall()
+    stats = comm.comm_stats()
+    counted = sum(stats[k]["calls"] for k in comm.KINDS)
+    mine = torch.stack(rows)  # [steps, sub-phases, 3] on this rank
+    phases, imbalance = phase_breakdown(_gather_ranks(mine, world, device))
+    timed_total = sum(phases.values())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    per_step = free_images / a.steps  # global images per step
+    return dict(
+        head=head_name,
+        source=source,
+        source_detail=source_detail(source, a, device),
+        step="fr_dist.train.trainer.Trainer.train_step",
+        config_overrides=overrides,
+        head_kwargs=trainer.cfg.head.head_kwargs(),
+        num_classes=trainer.head.num_classes,
+        batch_per_rank=a.batch,
+        world_size=world,
+        free=dict(
+            step_s=free_s / a.steps,
+            images_per_s_global=free_images / free_s,
+            images_per_s_per_rank=free_images / world / free_s,
+        ),
+        timed=dict(
+            step_s=timed_total,
+            images_per_s_global=per_step / timed_total,
+            images_per_s_per_rank=per_step / world / timed_total,
+            phase_s=phases,
+            share={p: v / timed_total for p, v in phases.items()},
+            imbalance_s=imbalance,
+        ),
+        comm_calls_timed=int(st.calls),
+        comm_calls_counted=int(counted),
+        comm_bytes_per_step={
+            k: stats[k]["bytes"] // max(1, a.steps) for k in comm.KINDS if stats[k]["calls"]
+        },
+        peak_memory_bytes=int(peak),
+        peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        cuda_memory=cuda_memory(device),  # driver + allocator view at the end (max_*: this configuration)
+        loss_first=losses[0],
+        loss_last=losses[-1],
+    )
 
 
 def _gather_ranks(x: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
@@ -264,186 +454,9 @@ def _max_over_ranks(x: torch.Tensor, world: int, device: torch.device) -> torch.
     return comm.all_reduce(x.to(device), "max", name="bench_timers").cpu()
 
 
-def run_config(rank: int, world: int, head_name: str, source: str, a, device, timer: CommTimer) -> dict:
-    """Free-running and phase-timed steps of one (head, source); figures are max-reduced over ranks."""
-    K = a.num_classes
-    batches, detail = make_source(source, a, rank, world, device, K)
-    if batches is None:
-        return dict(head=head_name, source=source, skipped=detail)
-    dims = ParallelDims(world, rank)
-    torch.manual_seed(0)
-    backbone = create_backbone(
-        a.backbone,
-        embedding_size=a.embedding_size,
-        input_size=a.input_size,
-        channels_last=a.channels_last,
-        **a.backbone_kwargs,
-    ).to(device)
-    hkw = HeadConfig(name=head_name).head_kwargs()
-    hkw.update(a.head_kwargs.get(head_name, {}))
-    head = create_head(
-        head_name,
-        embedding_size=a.embedding_size,
-        num_classes=K,
-        seed=0,
-        embedding_grad_scale=dims.embedding_grad_scale,
-        check_finite=False,
-        **hkw,
-    ).to(device)
-    bb = apply_ddp(backbone, dims, device).module  # the (DDP-wrapped) module; the optimizer follows
-    tcfg = TrainConfig(lr=a.lr)
-    opt_bb = build_optimizer(
-        "sgd", param_groups(backbone, a.lr, tcfg.weight_decay), lr=a.lr, weight_decay=tcfg.weight_decay
-    )
-    opt_head = build_head_optimizer(head, tcfg)
-    _configure_row_optimizer(head, tcfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16" and device.type == "cuda")
-    params = [p for p in backbone.parameters() if p.requires_grad]
-    losses = []
-
-    def optim_steps():
-        # the head's gradients carry the loss scale too: unscale both before stepping
-        scaler.step(opt_bb)
-        scaler.step(opt_head)
-        scaler.update()
-        opt_bb.zero_grad(set_to_none=True)
-        opt_head.zero_grad(set_to_none=True)
-
-    def free_step():
-        imgs, labels = next(batches)
-        with _autocast(device, a.amp):
-            emb = bb(imgs)  # [B, D]
-        loss = _head_forward(head, emb, labels, device, a.head_dtype)
-        scaler.scale(loss).backward()
-        optim_steps()
-        losses.append(float(loss.detach()))
-
-    def no_sync():
-        return bb.no_sync() if hasattr(bb, "no_sync") else contextlib.nullcontext()
-
-    def timed_step() -> tuple[torch.Tensor, int]:
-        """[sub-phase, (work, wall, comm)] seconds of this rank (sub-phases: SUBPHASES), comm calls."""
-        t = torch.zeros(len(SUBPHASES), 3, dtype=torch.float64)
-        state = dict(i=0, start=0.0)
-
-        def begin() -> None:
-            state["start"] = time.perf_counter()
-
-        def close(comm_s: float = 0.0) -> None:
-            """End sub-phase i: its work (to the device sync), its wall (to the barrier exit)."""
-            _cuda_sync(device)
-            work = time.perf_counter() - state["start"]
-            _barrier(world)
-            t[state["i"]] = torch.tensor([work, time.perf_counter() - state["start"], comm_s])
-            state["i"] += 1
-            state["start"] = time.perf_counter()
-
-        _cuda_sync(device)
-        _barrier(world)
-        begin()
-        imgs, labels = next(batches)
-        close()  # data
-        with no_sync():
-            with _autocast(device, a.amp):
-                emb = bb(imgs)  # [B, D]
-        close()  # backbone forward
-        timer.active = True
-        emb_d = emb.detach().requires_grad_(True)  # the head's graph apart from the backbone's
-        loss = _head_forward(head, emb_d, labels, device, a.head_dtype)
-        scaler.scale(loss).backward()
-        timer.active = False
-        head_comm, head_calls = timer.take()
-        close(head_comm)  # head forward + backward (its collectives: head_comm)
-        with no_sync():
-            emb.backward(emb_d.grad.to(emb.dtype))
-        close()  # backbone backward
-        if world > 1:  # DDP's gradient averaging, as one flat all-reduce
-            flat = torch.cat([p.grad.reshape(-1) for p in params])  # [sum of numel]
-            flat = comm.all_reduce(flat, name="backbone_grads").div_(world)
-            off = 0
-            for p in params:
-                n = p.numel()
-                p.grad.copy_(flat[off : off + n].view_as(p.grad))  # [numel] -> p's shape
-                off += n
-        dp = time.perf_counter() - state["start"]
-        close(dp)  # backbone gradient all-reduce: all of it is communication
-        scaler.unscale_(opt_bb)
-        scaler.step(opt_bb)
-        opt_bb.zero_grad(set_to_none=True)
-        close()  # backbone optimizer step
-        scaler.step(opt_head)
-        scaler.update()
-        opt_head.zero_grad(set_to_none=True)
-        close()  # head update
-        losses.append(float(loss.detach()))
-        return t, head_calls + (1 if world > 1 else 0)
-
-    # ---- warm-up (allocator, cudnn autotune, worker start-up, DALI pipeline build)
-    for _ in range(a.warmup):
-        free_step()
-    # ---- free-running steps: the headline images/s
-    _cuda_sync(device)
-    _barrier(world)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        free_step()
-    _cuda_sync(device)
-    free_s = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-    free_s = float(_max_over_ranks(free_s, world, device))
-    # ---- phase-timed steps: the breakdown
-    comm.reset_comm_stats()
-    timer.install()
-    try:
-        rows = [timed_step() for _ in range(a.steps)]
-    finally:
-        timer.uninstall()
-    stats = comm.comm_stats()
-    counted = sum(stats[k]["calls"] for k in comm.KINDS)
-    mine = torch.stack([r[0] for r in rows])  # [steps, sub-phases, 3] on this rank
-    calls = sum(r[1] for r in rows)
-    phases, imbalance = phase_breakdown(_gather_ranks(mine, world, device))
-    timed_total = sum(phases.values())
-    peak = (
-        torch.cuda.max_memory_allocated(device)
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
-    out = dict(
-        head=head_name,
-        source=source,
-        source_detail=detail,
-        head_kwargs=hkw,
-        num_classes=K,
-        batch_per_rank=a.batch,
-        world_size=world,
-        free=dict(
-            step_s=free_s / a.steps,
-            images_per_s_global=world * a.batch * a.steps / free_s,
-            images_per_s_per_rank=a.batch * a.steps / free_s,
-        ),
-        timed=dict(
-            step_s=timed_total,
-            images_per_s_global=world * a.batch / timed_total,
-            images_per_s_per_rank=a.batch / timed_total,
-            phase_s=phases,
-            share={p: v / timed_total for p, v in phases.items()},
-            imbalance_s=imbalance,
-        ),
-        comm_calls_timed=int(calls),
-        comm_calls_counted=int(counted),
-        comm_bytes_per_step={
-            k: stats[k]["bytes"] // max(1, a.steps) for k in comm.KINDS if stats[k]["calls"]
-        },
-        peak_memory_bytes=int(peak),
-        peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-        loss_first=losses[0],
-        loss_last=losses[-1],
-    )
-    return out
-
-
 def run_all(rank: int, world: int, a) -> list[dict]:
     """Every (head, source) of the sweep on this rank (one process start for all of them)."""
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
     device = torch.device(a.device_resolved)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -465,13 +478,9 @@ def run_all(rank: int, world: int, a) -> list[dict]:
             elif rank == 0:
                 print(f"{head} {source}: skipped ({r['skipped']})", flush=True)
             results.append(r)
+            if rank == 0:
+                write_partial(results, a, world)
     return results
-
-
-def _spawned(rank: int, world: int, a) -> list[dict]:
-    torch.set_num_threads(max(1, a.threads))
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
-    return run_all(rank, world, a)
 
 
 # ----------------------------------------------------------------------------- loader-only mode
@@ -482,24 +491,26 @@ def run_data(a) -> list[dict]:
     for source in a.sources:
         if source == "synthetic":
             continue
-        batches, detail = make_source(source, a, 0, 1, device, a.num_classes)
+        batches, detail = make_source(source, a, 0, 1, device)
         if batches is None:
             out.append(dict(source=source, skipped=detail))
             continue
         for _ in range(a.warmup):
             next(batches)
-        _cuda_sync(device)
+        cuda_sync(device)
         t0, n = time.perf_counter(), 0
         for _ in range(a.steps):
             imgs, _labels = next(batches)
             n += imgs.shape[0]
-        _cuda_sync(device)
+        cuda_sync(device)
         dt = time.perf_counter() - t0
         assert imgs.device.type == device.type and imgs.dtype == torch.float32
         r = dict(source=source, source_detail=detail, device=str(device), images=n, seconds=dt)
         r["images_per_s"] = n / dt
+        r["cuda_memory"] = cuda_memory(device)
         print(f"data {source:6s} on {device}: {r['images_per_s']:9.1f} img/s ({detail})", flush=True)
         out.append(r)
+        write_partial(out, a, 1)
     return out
 
 
@@ -532,17 +543,20 @@ def _try_capacity(name: str, K: int, a, device) -> dict:
         head = _head_on_device(name, K, a, device)
         tcfg = TrainConfig(lr=a.lr)
         opt = build_head_optimizer(head, tcfg)
-        _configure_row_optimizer(head, tcfg)
+        if head.optimizer_contract().row_optimizer:  # its fused in-pass update, as the Trainer sets it up
+            head.configure_row_optimizer(**row_optimizer_args(tcfg, opt))
         g = torch.Generator().manual_seed(0)
         for _ in range(2):
             x = torch.nn.functional.normalize(torch.randn(a.batch, a.embedding_size, generator=g), dim=1)
             y = torch.randint(0, K, (a.batch,), generator=g)
             x, y = x.to(device).requires_grad_(True), y.to(device)
-            loss = _head_forward(head, x, y, device, a.head_dtype)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.head_dtype == "bf16"):
+                loss = head(x, y)  # x: fp32 [B, D]; bf16 autocast as head.dtype=bf16 runs it
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        _cuda_sync(device)
+        cuda_sync(device)
+        mem = cuda_memory(device)  # driver + allocator view at the peak's end, for the planner comparison
         if device.type == "cuda":
             peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
         else:  # no allocator statistics on CPU: the head's resident state only (not a peak)
@@ -551,10 +565,18 @@ def _try_capacity(name: str, K: int, a, device) -> dict:
             peak += sum(s.numel() * s.element_size() for g in opt.state.values() for s in g.values())
             kind = "cpu_state_bytes"
         return dict(
-            head=name, K=K, fits=True, peak_bytes=int(peak), peak_kind=kind, loss=float(loss.detach())
+            head=name,
+            K=K,
+            fits=True,
+            peak_bytes=int(peak),
+            peak_kind=kind,
+            cuda_memory=mem,
+            loss=float(loss.detach()),
         )
     except torch.OutOfMemoryError as e:
-        return dict(head=name, K=K, fits=False, error=str(e).split("\n")[0][:200])
+        return dict(
+            head=name, K=K, fits=False, error=str(e).split("\n")[0][:200], cuda_memory=cuda_memory(device)
+        )
     finally:
         del head, opt
         if device.type == "cuda":
@@ -562,113 +584,88 @@ def _try_capacity(name: str, K: int, a, device) -> dict:
 
 
 def _planner(name: str, K: int, a, gpu_name: str) -> dict:
-    """``fr-dist plan`` for one device at K (guarded: the planner may be absent)."""
+    """``fr_dist.plan`` for one device at K, in this process (its public functions; errors recorded): the
+    built-in profile named in the device name (benchmarks.gpu_calibrate's ``base_profile``)."""
     try:
-        import fr_dist.plan  # noqa: F401
-    except ImportError:
-        return dict(skipped="fr_dist.plan not available")
-    hw = "cpu"
-    for key, prof in (
-        ("H200", "h200-141gb"),
-        ("H100", "h100-80gb"),
-        ("A100", "a100-80gb"),
-        ("V100", "v100-32gb"),
-    ):
-        if key in gpu_name.upper():
-            hw = prof
-    cmd = [
-        sys.executable, "-m", "fr_dist.cli", "plan", "--identities", str(K), "--dim", str(a.embedding_size),
-        "--gpus-per-node", "1", "--nodes", "1", "--batch", str(a.batch), "--head", name,
-        "--hardware", hw, "--backbone", a.plan_backbone, "--amp", "none", "--json",
-    ]  # fmt: skip
-    hkw = a.head_kwargs.get(name, {})
-    for key, flag in (
-        ("proxy_dtype", "--proxy-dtype"),
-        ("chunk_size", "--chunk-size"),
-        ("sample_rate", "--sample-rate"),
-    ):
-        if key in hkw:
-            cmd += [flag, str(hkw[key])]
-    if name == "sphereface2":
-        cmd += ["--fused-update" if hkw.get("fused_update") else "--no-fused-update"]
-        if hkw.get("master_weights"):
-            cmd += ["--fp32-master"]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if p.returncode != 0:
-            return dict(cmd=" ".join(cmd), error=(p.stderr or p.stdout)[-400:])
-        res = json.loads(p.stdout)
+        from fr_dist import plan as P
+
+        hw_name = "cpu" if gpu_name == "cpu" else base_profile(gpu_name)
+        kw = head_plan_kwargs(
+            name, K, a.embedding_size, 1, a.batch, a.head_kwargs.get(name, {}),
+            backbone=a.plan_backbone, head_amp=a.head_dtype == "bf16",
+        )  # fmt: skip
+        cfg, hw = P.PlanConfig(**kw), P.load_hardware(hw_name, 1)
+        total = P.memory_breakdown(cfg, hw)["total"]
         return dict(
-            cmd=" ".join(cmd),
-            hardware=hw,
-            fits=res.get("fits"),
-            max_identities=res.get("max_identities"),
-            memory_total_bytes=(res.get("memory_per_gpu") or {}).get("total"),
+            hardware=hw_name,
+            config=kw,
+            fits=total <= hw.memory_bytes,
+            max_identities=P.max_identities(cfg, hw),
+            memory_total_bytes=int(total),
         )
-    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
-        return dict(cmd=" ".join(cmd), error=str(e)[:400])
+    except Exception as e:  # noqa: BLE001 - the measurement stands without the planner
+        return dict(error=f"{type(e).__name__}: {e}"[:400])
 
 
 def run_capacity(a) -> list[dict]:
-    """Largest K that fits one device, per head: doubling from ``--k-start``, then bisection."""
+    """Largest K that fits one device, per head: doubling from ``--k-start``, then bisection. The JSON is
+    rewritten after every trial: a run cut by a timeout keeps every trial it made."""
     device = torch.device(a.device_resolved)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = []
     for name in a.heads:
-        t0 = time.perf_counter()
-        trials, lo, hi = [], None, None
-        K = a.k_start
-        while K <= a.k_max and time.perf_counter() - t0 < a.capacity_budget_s:
-            r = _try_capacity(name, K, a, device)
-            trials.append(r)
-            print(f"capacity {name} K={K:,}: {'fits' if r['fits'] else 'OOM'}", flush=True)
-            if not r["fits"]:
-                hi = K
-                break
-            lo = r
-            K *= 2
-        while hi is not None and lo is not None and hi - lo["K"] > max(lo["K"] // 16, 1):
-            if time.perf_counter() - t0 >= a.capacity_budget_s:
-                break
-            mid = (lo["K"] + hi) // 2
-            r = _try_capacity(name, mid, a, device)
-            trials.append(r)
-            print(f"capacity {name} K={mid:,}: {'fits' if r['fits'] else 'OOM'}", flush=True)
-            if r["fits"]:
-                lo = r
-            else:
-                hi = mid
-        best = lo or {}
-        rec = dict(
-            head=name,
-            head_kwargs=a.head_kwargs.get(name, {}),
-            device=gpu,
-            max_k_measured=best.get("K"),
-            first_oom_k=hi,
-            peak_bytes_at_max=best.get("peak_bytes"),
-            device_total_bytes=(
-                torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-            ),
-            trials=trials,
-        )
-        if best:
-            rec["planner"] = _planner(name, best["K"], a, gpu)
-            pl = rec["planner"].get("memory_total_bytes")
-            if pl and device.type == "cuda":
-                rec["planner_vs_measured_memory"] = pl / best["peak_bytes"]
-        out.append(rec)
+        _capacity_of(name, a, device, out)
     return out
+
+
+def _capacity_of(name: str, a, device, out: list[dict]) -> None:
+    """One head's search: its record appended to ``out`` and updated (JSON rewritten) after every trial."""
+    t0 = time.perf_counter()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rec = dict(
+        head=name,
+        head_kwargs=a.head_kwargs.get(name, {}),
+        device=gpu,
+        device_total_bytes=torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cuda"
+        else None,
+        trials=[],
+    )
+    out.append(rec)
+    best, oom = {}, None  # the trial of the largest K that fitted, the smallest K that did not
+
+    def trial(K: int) -> bool:
+        nonlocal best, oom
+        r = _try_capacity(name, K, a, device)
+        rec["trials"].append(r)
+        print(f"capacity {name} K={K:,}: {'fits' if r['fits'] else 'OOM'}", flush=True)
+        if r["fits"]:
+            best = r
+        else:
+            oom = K
+        rec.update(max_k_measured=best.get("K"), first_oom_k=oom, peak_bytes_at_max=best.get("peak_bytes"))
+        write_partial(out, a, 1)
+        return r["fits"]
+
+    def budget_left() -> bool:
+        return time.perf_counter() - t0 < a.capacity_budget_s
+
+    K = a.k_start
+    while K <= a.k_max and budget_left() and trial(K):
+        K *= 2
+    while best and oom is not None and oom - best["K"] > max(best["K"] // 16, 1) and budget_left():
+        trial((best["K"] + oom) // 2)
+    if best:
+        rec["planner"] = _planner(name, best["K"], a, gpu)
+        pl = rec["planner"].get("memory_total_bytes")
+        if pl and device.type == "cuda":
+            rec["planner_vs_measured_memory"] = pl / best["peak_bytes"]
+    write_partial(out, a, 1)
 
 
 # ----------------------------------------------------------------------------- output
 def plot(results: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     groups = {}
     for r in results:
@@ -702,27 +699,18 @@ def plot(results: list[dict], out: Path) -> None:
     fig.legend(handles, names, fontsize=8, loc="lower center", ncol=len(PHASES), frameon=False)
     fig.suptitle("training step split by phase (bars) and free-running global images/s (labels)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(out.with_suffix(".png"), dpi=100)
-    print(f"plot: {out.with_suffix('.png')}")
+    save_figure(fig, out)
 
 
-def _host() -> dict:
-    h = dict(
-        node=platform.node(),
-        machine=platform.machine(),
-        cpu_count=os.cpu_count(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    )
-    try:
-        h["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        pass
-    return h
+def write_partial(results: list[dict], a, world: int) -> None:
+    """The JSON so far (after every measured point; no plot): a run cut by a timeout keeps it."""
+    if a.out is not None:
+        write(results, a, world, final=False)
 
 
-def write(results: list[dict], a, world: int) -> dict:
+def write(results: list[dict], a, world: int, final: bool = True) -> dict:
+    """The report of this run into ``--out`` (atomically; merged with the file's other groups under
+    ``--append``); the plot only when ``final``."""
     group = (
         f"{a.backbone} D={a.embedding_size} B={a.batch}/rank W={world} K={a.num_classes} "
         f"{a.device_resolved} amp={a.amp} head={a.head_dtype}"
@@ -733,10 +721,17 @@ def write(results: list[dict], a, world: int) -> dict:
         group += f" {json.dumps(a.head_kwargs, sort_keys=True)}"
     for r in results:
         r["group"] = group
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    args = args_record(a)
     backend = dist.get_backend() if dist.is_initialized() else ("gloo (spawned)" if world > 1 else None)
     run = dict(
-        group=group, mode=a.mode, world_size=world, backend=backend, args=args, host=_host(), results=results
+        group=group,
+        mode=a.mode,
+        world_size=world,
+        backend=backend,
+        args=args,
+        host=host_facts(),
+        complete=final,
+        results=results,
     )
     report = dict(benchmark="train_throughput", notes=__doc__.split("\n\n")[1:4], runs=[run])
     if a.out is not None and a.append and a.out.exists():  # keep the other groups' runs
@@ -744,13 +739,12 @@ def write(results: list[dict], a, world: int) -> dict:
         report["runs"] = [r for r in old.get("runs", []) if r["group"] != group or r["mode"] != a.mode] + [
             run
         ]
-    text = json.dumps(report, indent=1)
     if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-        print(f"wrote {a.out}")
-        plot([r for run_ in report["runs"] for r in run_["results"]], a.out)
-    else:
+        write_json_atomic(a.out, report)
+        if final:
+            print(f"wrote {a.out}")
+            plot([r for run_ in report["runs"] for r in run_["results"]], a.out)
+    elif final:
         print(json.dumps(run["results"], indent=1))
     return report
 
@@ -770,7 +764,8 @@ def parse(argv=None):
         "--head-kwargs",
         type=json.loads,
         default={},
-        help='per-head constructor extras, JSON: {"sphereface2": {"chunk_size": 65536}, "partial_fc": {...}}',
+        help="per-head options (config keys head.<name>.<key>; the capacity mode passes them to the head), "
+        'JSON: {"sphereface2": {"chunk_size": 65536}, "partial_fc": {...}}',
     )
     p.add_argument("--head-dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="backbone autocast")
@@ -795,6 +790,10 @@ def parse(argv=None):
     )
     p.add_argument("--out", type=Path, default=None, help="JSON here (PNG beside it)")
     p.add_argument("--append", action="store_true", help="merge into an existing --out (other groups kept)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="another fr-dist train config override of the timed trainer (repeatable): train.clip_grad_norm=0",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="seconds-long CI run: 2 ranks, tiny sizes")
     a = p.parse_args(argv)
     if a.smoke:
@@ -813,7 +812,8 @@ def main(argv=None) -> int:
         write(run_capacity(a), a, 1)
         return 0
     if a.rec is None and any(s != "synthetic" for s in a.sources):
-        a.rec = str(ensure_dataset(a.data_dir, a.identities, a.images_per_identity))
+        data = a.data_dir / f"synthetic_{a.identities}x{a.images_per_identity}"
+        a.rec = str(synthetic_recordio(data, a.identities, a.images_per_identity))
     if a.num_classes <= 0:
         if a.rec is not None:
             from fr_dist.data import open_recordio
@@ -848,9 +848,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             code = 1
         shutdown(code)
-    from fr_dist.testing import spawn_gloo
-
-    results = spawn_gloo(_spawned, a.world_size, args=(a,), timeout_s=3600)[0]
+    results = spawn(run_all, a.world_size, threads=a.threads, a=a)[0]
     write(results, a, a.world_size)
     return 0
 

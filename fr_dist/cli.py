@@ -76,7 +76,9 @@ def cmd_config(args) -> int:
     if args.help_keys:
         print(C.format_help())
         return 0
-    cfg = C.load_config(args.config, args.overrides)
+    cfg = C.load_config(args.config, args.overrides, check_paths=False)
+    for problem in C.path_problems(cfg):  # the data may not be there yet: say so, print anyway
+        print(f"fr-dist: warning: {problem}", file=sys.stderr)
     import yaml
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         d = sub.add_parser("data", help="RecordIO tools: pack, info, synth")
         add_data_commands(d.add_subparsers(dest="data_command", required=True))
 
-    from fr_dist.plan import add_plan_arguments, run_plan_cli
+    from fr_dist.plan.cli import add_plan_arguments, run_plan_cli
 
     pl = sub.add_parser("plan", help="cluster cost model: memory per GPU, largest K, step time")
     add_plan_arguments(pl)
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # config and data errors: one clear line, no traceback wall
-        from fr_dist.train.config import ConfigError
+        from fr_dist.errors import ConfigError
 
         if isinstance(e, ConfigError):
             print(f"fr-dist: config error: {e}", file=sys.stderr)

@@ -13,6 +13,10 @@ exactly what one training step sends (:func:`comm_stats`). Counters record, per 
 ``group=None`` means the default group when one is initialised, else a single process; with
 a single process every collective is the identity and nothing is counted.
 
+Tensors made only to be sent (flags, the resume step, the shape handshake) are created on
+:func:`device_of` the group: NCCL refuses CPU tensors ("No backend type associated with device
+type cpu"), gloo takes CPU tensors.
+
 Autograd pairs (Megatron's mapping names):
 
 =========================  =====================  ==========================
@@ -27,6 +31,7 @@ function                   forward                backward
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections import defaultdict
 from typing import Optional
@@ -34,9 +39,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from fr_dist.errors import CollectiveError, CollectiveTimeout
+
 __all__ = [
     "resolve_group",
     "world_info",
+    "device_of",
     "comm_stats",
     "reset_comm_stats",
     "all_gather",
@@ -77,6 +85,19 @@ def world_info(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def device_of(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device a collective's tensors must live on in ``group``: this rank's CUDA device under
+    NCCL (the one the runtime chose with ``torch.cuda.set_device``), else (gloo, no group) the CPU.
+
+    Create every tensor that exists only to travel through a collective with
+    ``device=comm.device_of(group)``; a tensor made without ``device=`` is on the CPU.
+    """
+    group = resolve_group(group)
+    if group is None or "nccl" not in str(dist.get_backend(group)).lower():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _record(kind: str, name: str, nbytes: int, world: int) -> None:
     factor = {"all_reduce": 2.0 * (world - 1) / world}.get(kind, (world - 1) / world)
     with _lock:
@@ -113,14 +134,6 @@ def _nbytes(t: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------- failures
 
 
-class CollectiveError(RuntimeError):
-    """A collective failed (a peer died or closed its connection); names the collective."""
-
-
-class CollectiveTimeout(CollectiveError):
-    """A collective did not complete within the process-group timeout (a peer hung or stopped)."""
-
-
 _timeout_info = {"seconds": None, "key": "dist.timeout_s"}
 
 
@@ -134,16 +147,31 @@ def translate_failure(e: BaseException, kind: str, name: str, group=None) -> Col
     return _failure(e, kind, name, resolve_group(group))
 
 
+# what gloo and NCCL say when a collective ran past the process-group timeout: gloo "Timed out
+# waiting 3000ms for recv", NCCL's watchdog "Watchdog caught collective operation timeout: WorkNCCL(
+# ...) ran for N milliseconds before timing out", NCCL's blocking wait "... timed out in blocking wait"
+_TIMEOUT_WORDS = ("timed out", "timeout", "timing out")
+_NCCL_WORK_TIMEOUT = re.compile(r"timeout\(ms\)=\d+")  # in every WorkNCCL(...) description, failed or not
+
+
+def _error_text(e: BaseException) -> tuple[str, str]:
+    """(whole message without c10's C++ backtrace, its last line) of a gloo / NCCL error."""
+    # c10 appends its C++ backtrace: "Exception raised from <function> at <file>", "frame #0: ..."
+    full = str(e).split("Exception raised from")[0].strip()
+    lines = [line.strip() for line in full.splitlines() if line.strip()]
+    return full, (lines[-1] if lines else type(e).__name__)
+
+
 def _failure(e: BaseException, kind: str, name: str, group) -> CollectiveError:
     """Translate gloo/NCCL's error into one that names the collective, the group and the timeout key."""
     rank, world = world_info(group)
     others = [r for r in range(world) if r != rank]
     who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    full, text = _error_text(e)
     secs, key = _timeout_info["seconds"], _timeout_info["key"]
     where = f"collective {kind} '{name}' (group of {world} ranks, this is rank {rank})"
-    low = text.lower()
-    if "timed out" in low or "timeout" in low:
+    low = _NCCL_WORK_TIMEOUT.sub("", full.lower())
+    if any(w in low for w in _TIMEOUT_WORDS):
         limit = f"{secs:g} s" if secs else "the process-group timeout"
         return CollectiveTimeout(
             f"{where} timed out after {limit}: {who} did not answer (hung, stopped or unreachable; "
@@ -345,9 +373,8 @@ def check_batch_consistency(x: torch.Tensor, group=None) -> None:
     if group is None:
         return
     code = _DTYPE_CODES.get(x.dtype, 9)
-    meta = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else -1, code], dtype=torch.int64)
-    if x.device.type == "cuda":  # NCCL needs device tensors
-        meta = meta.to(x.device)
+    shape = [x.shape[0], x.shape[1] if x.dim() > 1 else -1, code]
+    meta = torch.tensor(shape, dtype=torch.int64, device=device_of(group))  # [3]
     allm = all_gather(meta.unsqueeze(0), group, name="meta").cpu()  # [W, 3]
     if (allm == allm[0]).all():
         return

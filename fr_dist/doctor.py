@@ -278,7 +278,7 @@ def bench_collectives(
     from fr_dist import comm
 
     _, world = comm.world_info(group)
-    device = torch.device("cpu") if device is None else device
+    device = comm.device_of(group) if device is None else device
     rows = []
     for size in sizes:
         for kind in ("all_reduce", "all_gather"):
@@ -302,7 +302,7 @@ def bench_collectives(
                     torch.cuda.synchronize(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
-            t = torch.tensor(sorted(times), dtype=torch.float64)  # [iters]
+            t = torch.tensor(sorted(times), dtype=torch.float64, device=device)  # [iters]
             t = comm.all_reduce(
                 t, "max", group=group, name="doctor_times"
             )  # the slowest rank per rank of time

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import yaml
 
-from fr_dist import checkpoint_io as ckpt
+from fr_dist.checkpoint import layout as ckpt
+from fr_dist.models import create_backbone
 
 __all__ = [
     "resolve_checkpoint",
@@ -50,18 +51,6 @@ def _model_spec(cfg: dict) -> dict:
     )
 
 
-def _build(spec: dict):
-    from fr_dist.models import create_backbone
-
-    return create_backbone(
-        spec["name"],
-        embedding_size=spec["embedding_size"],
-        input_size=spec["input_size"],
-        dropout=spec.get("dropout", 0.0),
-        **spec["kwargs"],
-    )
-
-
 def _backbone_state(folder: Path) -> dict:
     if (folder / "backbone.pt").is_file():
         return ckpt.safe_load(folder / "backbone.pt")
@@ -86,7 +75,7 @@ def load_backbone_from_checkpoint(path, step: Optional[int] = None):
     folder = resolve_checkpoint(path, step)
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     spec = _model_spec(cfg)
-    model = _build(spec)
+    model = create_backbone(spec)  # the spec is a model config section
     model.load_state_dict(_backbone_state(folder))
     return model.eval(), spec
 
@@ -95,7 +84,7 @@ def load_exported(path):
     blob = ckpt.safe_load(path)  # weights_only: an exported file cannot run code
     if not (isinstance(blob, dict) and {"state_dict", "model"} <= set(blob)):
         raise ckpt.CheckpointError(f"{path}: not an fr_dist export (expected keys state_dict, model)")
-    model = _build(blob["model"])
+    model = create_backbone(blob["model"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob["model"]
 

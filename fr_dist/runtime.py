@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fr_dist.errors import RendezvousError
+
 __all__ = [
     "DistEnv",
     "RendezvousError",
@@ -29,14 +31,6 @@ __all__ = [
     "first_slurm_host",
     "attempt_prefix",
 ]
-
-
-class RendezvousError(RuntimeError):
-    """The process group could not be started (store unreachable, peers never joined the set-up).
-
-    The message names this rank, the store address and port, and the config key that bounds the
-    wait (``dist.rendezvous_timeout_s``). Not a :class:`fr_dist.comm.CollectiveError`: no collective ran.
-    """
 
 
 @dataclass(frozen=True)
@@ -140,6 +134,45 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def _env_flag(*names: str) -> bool | None:
+    """The first of ``names`` set in the environment, as a bool (``None``: none is set)."""
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return os.environ[name].strip() not in ("0", "false", "False")
+    return None
+
+
+def prepare_nccl_timeouts() -> bool:
+    """Before an NCCL group starts: make a collective past ``dist.timeout_s`` end the job cleanly.
+
+    NCCL collectives are asynchronous: a hung peer is found by NCCL's watchdog thread, not by the
+    calling thread as under gloo. ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` (set unless the user chose a
+    value) makes the watchdog abort the communicators and then the process after the timeout.
+    Returns whether ``TORCH_NCCL_BLOCKING_WAIT`` is on (the user's choice: every collective then
+    blocks the host, and a timed-out one raises in Python, as :class:`fr_dist.comm.CollectiveTimeout`).
+    """
+    if _env_flag("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING") is None:
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    return bool(_env_flag("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"))
+
+
+def nccl_timeout_note(timeout_s: float, blocking_wait: bool) -> str:
+    """The line rank 0 prints when an NCCL group starts: what a timed-out collective does, and the key."""
+    if blocking_wait:
+        return (
+            f"fr_dist: NCCL with TORCH_NCCL_BLOCKING_WAIT=1: a collective that does not complete within "
+            f"dist.timeout_s={timeout_s:g} s raises CollectiveTimeout naming it; raise dist.timeout_s "
+            "for slower collectives"
+        )
+    return (
+        f"fr_dist: NCCL: a collective that does not complete within dist.timeout_s={timeout_s:g} s is "
+        "caught by NCCL's watchdog, which aborts the process (its log says 'Watchdog caught collective "
+        "operation timeout' and names the collective); raise dist.timeout_s for slower collectives, or "
+        "set TORCH_NCCL_BLOCKING_WAIT=1 to get a CollectiveTimeout in Python instead (every collective "
+        "then blocks the host)"
+    )
+
+
 def attempt_prefix(environ: dict | None = None) -> str | None:
     """Key prefix of this restart attempt in torchrun's agent store, ``None`` when not under one.
 
@@ -164,7 +197,9 @@ def init_distributed(
     """Initialise the default process group if the launcher asked for more than one process.
 
     ``timeout_s`` (config ``dist.timeout_s``) bounds every collective: a hung or stopped peer makes
-    the others raise :class:`fr_dist.comm.CollectiveTimeout` naming the collective. Start-up
+    the others raise :class:`fr_dist.comm.CollectiveTimeout` naming the collective (gloo, or NCCL
+    with ``TORCH_NCCL_BLOCKING_WAIT=1``); under NCCL otherwise its watchdog aborts the process
+    (:func:`prepare_nccl_timeouts`; rank 0 says so at start-up). Start-up
     (rendezvous + connection set-up) may take ``rendezvous_timeout_s`` (``dist.rendezvous_timeout_s``;
     default ``timeout_s``). Returns the environment and the device of this rank. With world size 1
     and no launcher no process group is created (every fr_dist collective then short-circuits).
@@ -185,6 +220,8 @@ def init_distributed(
         addr = os.environ.get("MASTER_ADDR", env.master_addr)
         port = os.environ.get("MASTER_PORT", str(env.master_port))
         timeout = datetime.timedelta(seconds=rdzv)
+        backend = backend_for(dev)
+        blocking_wait = prepare_nccl_timeouts() if backend == "nccl" else False
         try:
             prefix = attempt_prefix(environ)
             if prefix is not None:
@@ -196,7 +233,7 @@ def init_distributed(
             else:
                 init = dict(init_method="env://")
             dist.init_process_group(
-                backend=backend_for(dev),
+                backend=backend,
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=timeout,
@@ -213,6 +250,8 @@ def init_distributed(
 
             _set_pg_timeout(datetime.timedelta(seconds=timeout_s))
         comm.set_timeout_info(timeout_s, "dist.timeout_s")
+        if backend == "nccl" and env.rank == 0:
+            print(nccl_timeout_note(timeout_s, blocking_wait), flush=True)
     return env, dev
 
 
@@ -238,3 +277,19 @@ def shutdown(code: int = 0) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+# ----------------------------------------------------------------------------- config section
+from pydantic import ConfigDict, Field  # noqa: E402
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # noqa: E402
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
+class DistConfig:
+    """``dist``: timeouts of the process group this module starts."""
+
+    timeout_s: float = Field(180.0, gt=0)
+    """Process-group timeout in seconds: a collective that a rank does not join within it (hung,
+    stopped or dead peer) raises CollectiveTimeout naming the collective, instead of hanging."""
+    rendezvous_timeout_s: float = Field(300.0, gt=0)
+    """Seconds to wait for every rank to join at start-up (init_process_group / TCP store)."""

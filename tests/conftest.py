@@ -8,6 +8,12 @@ import pytest
 # The test process imports many thread-pool libraries (cv2, onnxruntime, DeepSpeed, gloo) over
 # the session; forking DataLoader workers from it can deadlock. Production keeps fork where safe.
 os.environ.setdefault("FR_DIST_WORKER_START", "forkserver")
+# Triton decides at import whether its own library functions (tl.zeros, tl.sum, ...) are compiled or
+# interpreted, so on a machine without CUDA the whole session runs Triton's CPU interpreter from the start:
+# whichever test module imports triton first. Heads with kernel=auto stay eager off CUDA, so only the
+# kernel's own tests see it; the compile-only test builds its kernel with JITFunction directly.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -335,3 +335,54 @@ def build_train_loader(
         len(ds), rank, world_size, batch_size, seed=seed, drop_last=drop_last, shuffle=shuffle
     )
     return TrainLoader(ds, sampler, device, num_workers=num_workers, flip=flip)
+
+
+# ----------------------------------------------------------------------------- config section
+from typing import Literal  # noqa: E402
+
+from pydantic import ConfigDict, Field  # noqa: E402
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # noqa: E402
+
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+
+
+@pydantic_dataclass(config=_CONFIG)
+class SyntheticConfig:
+    """``data.synthetic``: arguments of :func:`fr_dist.data.make_synthetic_dataset`."""
+
+    generate: bool = False
+    """Generate the synthetic face-identity RecordIO set into out_dir when data.rec is missing."""
+    out_dir: str = "data/synthetic"
+    """Where the synthetic set is written (train.rec/.idx/property, heldout.bin)."""
+    num_identities: int = Field(1000, gt=0)
+    """Training identities (classes)."""
+    images_per_identity: int = Field(16, gt=0)
+    """Images per training identity."""
+    heldout_identities: int = Field(200, ge=0)
+    """Identities kept out of training for the verification pairs."""
+    heldout_pairs: int = Field(1000, ge=0)
+    """Verification pairs in heldout.bin (half genuine)."""
+    seed: int = 1234
+    """Generator seed (the dataset is a pure function of it)."""
+
+
+@pydantic_dataclass(config=_CONFIG)
+class DataConfig:
+    """``data``: what :func:`build_train_loader` reads and how."""
+
+    rec: str = "data/synthetic/train.rec"
+    """MXNet RecordIO file (train.idx and property beside it)."""
+    num_classes: int = Field(0, ge=0)
+    """Classes K; 0 = read from the dataset; else must be >= the dataset's classes."""
+    batch_size: int = Field(128, ge=1)
+    """Images per rank per micro-step (global batch = batch_size x world size x grad_accum)."""
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank (torch loader; 0 = load in the main process)."""
+    loader: Literal["torch", "dali"] = "torch"
+    """Loader backend: torch | dali (GPU JPEG decode; needs the dali extra)."""
+    flip: bool = True
+    """Random horizontal flip augmentation."""
+    drop_last: bool = True
+    """Drop the incomplete last global batch of an epoch."""
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    """Synthetic dataset generation (CPU demo, tests)."""

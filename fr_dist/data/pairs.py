@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fr_dist.errors import BinUnpicklingError
+
 __all__ = ["read_bin", "write_bin", "sample_pairs", "make_pairs_bin"]
 
 
@@ -34,10 +36,6 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
 }
-
-
-class BinUnpicklingError(pickle.UnpicklingError):
-    pass
 
 
 class _BinUnpickler(pickle.Unpickler):

@@ -79,7 +79,7 @@ def run_eval_cli(args) -> int:
                 )
                 print(f"wrote {args.json}")
     except Exception as e:
-        from fr_dist.train.checkpoint import CheckpointError
+        from fr_dist.errors import CheckpointError
 
         if isinstance(e, CheckpointError):  # refused / damaged checkpoint: the message says it all
             print(f"fr-dist eval: {e}", file=sys.stderr)

@@ -1,4 +1,6 @@
-"""Class-sharded classifier heads: SphereFace2 (the product) and Partial-FC softmax (the baseline).
+"""Class-sharded classifier heads: a sharded classifier (heads/sharded.py) + a loss (heads/losses/) of the
+binary family (SphereFace2, the product: heads/binary.py) or the softmax family (Partial-FC ArcFace /
+CosFace, the baseline: heads/softmax.py). heads/registry.py turns config names into those objects.
 
 from fr_dist.heads import create_head, list_heads
 head = create_head("sphereface2", embedding_size=512, num_classes=93431, process_group=pg)
@@ -6,38 +8,35 @@ head = create_head("sphereface2", embedding_size=512, num_classes=93431, process
 
 from __future__ import annotations
 
-import difflib
-
-from fr_dist.heads.base import ShardedClassifier, init_weight_rows
-from fr_dist.heads.margins import sphereface2_bias_init
-from fr_dist.heads.softmax import PartialFCHead, distributed_cross_entropy, margin_softmax_loss
-from fr_dist.heads.sphereface2 import SphereFace2Head, sphereface2_loss, sphereface2_partial_loss
+from fr_dist.heads import losses  # noqa: F401  (registers every loss)
+from fr_dist.heads.binary_head import BinaryHead
+from fr_dist.heads.losses.partial_fc import MarginSoftmax, PartialFCHead
+from fr_dist.heads.losses.sphereface2 import SphereFace2, SphereFace2Head, sphereface2_bias_init
+from fr_dist.heads.registry import head_class, list_losses
+from fr_dist.heads.sharded import OptimizerContract, ShardedClassifier, init_weight_rows
+from fr_dist.heads.softmax import SoftmaxHead, distributed_cross_entropy
 
 __all__ = [
     "SphereFace2Head",
     "PartialFCHead",
+    "BinaryHead",
+    "SoftmaxHead",
+    "SphereFace2",
+    "MarginSoftmax",
     "ShardedClassifier",
-    "sphereface2_loss",
-    "sphereface2_partial_loss",
+    "OptimizerContract",
     "sphereface2_bias_init",
-    "margin_softmax_loss",
     "distributed_cross_entropy",
     "init_weight_rows",
     "create_head",
     "list_heads",
 ]
 
-_HEADS = {"sphereface2": SphereFace2Head, "partial_fc": PartialFCHead}
-
 
 def list_heads() -> list[str]:
-    return sorted(_HEADS)
+    return list_losses()
 
 
 def create_head(name: str, **kwargs) -> ShardedClassifier:
-    """Build a head by registry name; unknown names list the known ones."""
-    if name not in _HEADS:
-        near = difflib.get_close_matches(name, _HEADS, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown head {name!r}{hint}; known heads: {list_heads()}")
-    return _HEADS[name](**kwargs)
+    """Build a head by registry name (``head.name``); unknown names list the known ones."""
+    return head_class(name)(**kwargs)

@@ -1,16 +1,17 @@
-"""Partial-FC margin-softmax baseline (insightface arcface_torch PartialFC_V2 + DistCrossEntropy).
+"""The softmax family: a margin on the target logit + the class-sharded cross-entropy, on the Partial-FC
+path (insightface arcface_torch PartialFC_V2 + DistCrossEntropy). Its losses (:class:`SoftmaxLoss`; ArcFace /
+CosFace / combined in heads/losses/partial_fc.py) run on :class:`SoftmaxHead`.
 
 The softmax normaliser couples every class of a sample, so the class-sharded cross-entropy
 needs, per step, three all-reduces of B-length vectors on the critical path (max, sum of
 exponentials, target probability), as insightface's ``DistCrossEntropy`` and Megatron's
-vocab-parallel cross-entropy do. This module exists to compare honestly with SphereFace2.
+vocab-parallel cross-entropy do. This family exists to compare honestly with SphereFace2.
 
 Conventions (insightface): weights are normalised differentiably in the forward; cosines are
-clipped to [-1, 1]; ArcFace's margin is straight-through by default (d logit / d cos = s on
-every entry), ``grad="exact"`` differentiates cos(m1 theta + m2) - m3 instead. CosFace is exact
-either way.
+clipped to [-1, 1]; the margin touches the target logit only; its derivative is the loss's (1 when
+straight-through, the margin's own with ``grad="exact"``).
 
-:class:`PartialFCHead` computes exactly that, fused (:class:`_FusedMarginSoftmax`):
+:class:`SoftmaxHead` computes exactly that, fused (:class:`_FusedMarginSoftmax`):
 
 * the row norms of the weight are folded into the cosine columns: cos = (x_hat W^T) * inv_norm
   with ``inv_norm`` [n]; the normalisation's backward is the analytic radial correction
@@ -25,45 +26,50 @@ either way.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from fr_dist import comm
-from fr_dist.heads.base import ShardedClassifier, autocast_gemm_dtype
-from fr_dist.heads.margins import SOFTMAX_MARGINS, softmax_margin_cos, straight_through
 from fr_dist.heads.sampling import sample_classes
+from fr_dist.heads.sharded import ShardedClassifier, autocast_gemm_dtype, split_loss_kwargs
 
 __all__ = [
-    "PartialFCHead",
+    "SoftmaxHead",
+    "SoftmaxLoss",
     "distributed_cross_entropy",
-    "margin_softmax_loss",
     "SOFTMAX_GRAD_MODES",
 ]
 
-SOFTMAX_GRAD_MODES = ("straight_through", "exact")
+SOFTMAX_GRAD_MODES = ("straight_through", "exact")  # d margin value / d cos: 1 | the margin's own
 
 # F.normalize's floor on the row norm.
 _NORM_EPS = 1e-12
 
 
-def _check(margin: str, grad: str, s: float, sample_rate: float) -> None:
-    if margin not in SOFTMAX_MARGINS:
-        raise ValueError(f"unknown margin {margin!r}; known: {SOFTMAX_MARGINS}")
-    if grad not in SOFTMAX_GRAD_MODES:
-        raise ValueError(f"unknown gradient mode {grad!r}; known: {SOFTMAX_GRAD_MODES}")
-    if s <= 0:
-        raise ValueError(f"scale s must be > 0, got {s}")
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+class SoftmaxLoss:
+    """What a softmax loss gives the Partial-FC path (heads/losses/*.py subclass it; no state today).
 
+    ``s``: the logit scale. :meth:`target`: the margin on the [T] target cosines, value and derivative
+    together; ``target_has_slope`` says whether it returns a derivative (else d value / d cos = 1).
+    """
 
-def _margin_logits(cos, is_t, margin, s, m1, m2, m3, grad):
-    value = softmax_margin_cos(cos, is_t, margin, m1, m2, m3, exact=(grad == "exact"))
-    if grad == "straight_through" and margin != "cosface":
-        value = straight_through(value.detach(), cos)
-    return s * value
+    family = "softmax"
+    s: float = 1.0
+    target_has_slope: bool = False
+
+    def for_batch(self, x_all: torch.Tensor, state: dict, training: bool) -> SoftmaxLoss:
+        """The loss for this step: x_all [N, D] the gathered raw embeddings (a per-sample margin reads their
+        norms here), ``state`` the head's state buffers (updated in place while ``training``). Default: itself."""
+        return self
+
+    def target(self, cos_t: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clipped target cosines [T] of global-batch rows ``rows`` [T] -> (margin value [T], d value / d cos
+        [T] or None when it is 1)."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Replicated state buffers (name -> initial tensor) the head registers; none today."""
+        return {}
 
 
 class _DistCrossEntropy(torch.autograd.Function):
@@ -103,34 +109,6 @@ def distributed_cross_entropy(logits: torch.Tensor, target_col: torch.Tensor, gr
     return _DistCrossEntropy.apply(logits, target_col, comm.resolve_group(group))
 
 
-def margin_softmax_loss(
-    embeddings: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    margin: str = "arcface",
-    s: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.5,
-    m3: float = 0.0,
-    grad: str = "straight_through",
-) -> torch.Tensor:
-    """Dense single-process reference with plain autograd ops (no sampling).
-
-    Like insightface the target probability is floored at 1e-30 in the loss value (a wrapped
-    ArcFace target can be far below it) while the gradient stays softmax - onehot.
-    """
-    _check(margin, grad, s, 1.0)
-    x_hat = F.normalize(embeddings, dim=1)  # [B, D]
-    w_hat = F.normalize(weight, dim=1)  # [K, D]
-    cos = (x_hat @ w_hat.t()).clamp(-1, 1)  # [B, K]
-    is_t = F.one_hot(labels.long(), weight.shape[0]).bool()
-    logits = _margin_logits(cos, is_t, margin, s, m1, m2, m3, grad)
-    nll = F.cross_entropy(logits, labels.long(), reduction="none")  # [B]
-    # insightface floors p_target at 1e-30 in the value only; its gradient stays softmax - onehot
-    floored = nll.clamp_max(-math.log(1e-30))
-    return (nll + (floored - nll).detach()).mean()
-
-
 # ----------------------------------------------------------------------------- fused head math
 
 
@@ -147,23 +125,6 @@ def _inv_row_norms(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, D] -> (1 / max(|w_j|, eps) [n], |w_j| >= eps [n]): F.normalize's denominator, folded."""
     norm = torch.linalg.vector_norm(weight, dim=1)  # [n]
     return norm.clamp_min(_NORM_EPS).reciprocal(), norm >= _NORM_EPS
-
-
-def _target_margin(ct: torch.Tensor, hp: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Clipped target cosines [T] -> (margin value [T], d value / d cos [T] or None when it is 1).
-
-    Straight-through (and CosFace) have d value / d cos = 1; ``grad="exact"`` differentiates the
-    same :func:`softmax_margin_cos` on the [T] targets only.
-    """
-    margin, m1, m2, m3, grad = hp[1:]
-    on = torch.ones_like(ct, dtype=torch.bool)  # [T]: every entry is a target
-    if grad == "exact" and margin != "cosface":
-        with torch.enable_grad():
-            c = ct.detach().requires_grad_(True)
-            v = softmax_margin_cos(c, on, margin, m1, m2, m3, exact=True)
-            (dv,) = torch.autograd.grad(v.sum(), c)
-        return v.detach(), dv
-    return softmax_margin_cos(ct, on, margin, m1, m2, m3, exact=False), None
 
 
 def _cos_block(x_mm: torch.Tensor, w_mm: torch.Tensor, inv: torch.Tensor, math_dtype):
@@ -202,20 +163,20 @@ def _logit_grad_(e, row_scale, r, c, target_sub, dvt, col_scale, over):
 class _FusedMarginSoftmax(torch.autograd.Function):
     """x_hat [N, D] (unit rows), raw weight [n, D], target column [N] (-1 = elsewhere) -> mean CE.
 
-    ``hp`` = (s, margin, m1, m2, m3, grad). ``chunk`` None: the block is materialised once and
+    ``loss`` a :class:`SoftmaxLoss` (scale, target margin). ``chunk`` None: the block is materialised once and
     dL/dG is computed in place in the forward; an int: online max / sum-exp over column chunks
     and the chunk's cosines recomputed in the backward. ``mm_dtype`` (e.g. bf16 under autocast)
     is the GEMM operand dtype; the softmax math runs in fp32 (fp64 for fp64 weights).
     """
 
     @staticmethod
-    def forward(ctx, x_hat, weight, target_col, group, hp, chunk, mm_dtype):
+    def forward(ctx, x_hat, weight, target_col, group, loss, chunk, mm_dtype):
         with torch.autocast(x_hat.device.type, enabled=False):
-            return _FusedMarginSoftmax._forward(ctx, x_hat, weight, target_col, group, hp, chunk, mm_dtype)
+            return _FusedMarginSoftmax._forward(ctx, x_hat, weight, target_col, group, loss, chunk, mm_dtype)
 
     @staticmethod
-    def _forward(ctx, x_hat, weight, target_col, group, hp, chunk, mm_dtype):
-        N, n, s = x_hat.shape[0], weight.shape[0], hp[0]
+    def _forward(ctx, x_hat, weight, target_col, group, loss: SoftmaxLoss, chunk, mm_dtype):
+        N, n, s = x_hat.shape[0], weight.shape[0], loss.s
         math_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         dev = x_hat.device
         x_mm = x_hat.detach().to(mm_dtype or weight.dtype)  # [N, D]
@@ -224,11 +185,11 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         rows = (target_col >= 0).nonzero().squeeze(1)  # [T] global-batch rows whose class is here
         cols = target_col[rows]  # [T]
         vt = torch.zeros(rows.shape[0], dtype=math_dtype, device=dev)  # [T] margin values
-        dvt = None if hp[5] != "exact" or hp[1] == "cosface" else torch.empty_like(vt)
+        dvt = torch.empty_like(vt) if loss.target_has_slope else None
         neg_inf = torch.full((N,), float("-inf"), dtype=math_dtype, device=dev)
         if chunk is None:
             cos, over = _cos_block(x_mm, w_mm, inv, math_dtype)  # [N, n]
-            vt, dvt = _target_margin(cos[rows, cols], hp)  # [T]
+            vt, dvt = loss.target(cos[rows, cols], rows)  # [T]
             logits = cos * s  # [N, n]
             logits[rows, cols] = vt * s
             local_max = logits.amax(dim=1) if n else neg_inf  # [N]
@@ -243,7 +204,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 cos, _ = _cos_block(x_mm, w_mm[lo:hi], inv[lo:hi], math_dtype)  # [N, c]
                 sel = ((cols >= lo) & (cols < hi)).nonzero().squeeze(1)  # [t] targets in this chunk
                 r, c = rows[sel], cols[sel] - lo
-                v, dv = _target_margin(cos[r, c], hp)  # [t]
+                v, dv = loss.target(cos[r, c], r)  # [t]
                 vt[sel] = v
                 if dvt is not None:
                     dvt[sel] = dv
@@ -263,7 +224,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         # insightface floors p_target at 1e-30 in the value only; the gradient stays softmax - onehot
         loss = -p_target.clamp_min(1e-30).log().mean()
 
-        ctx.hp, ctx.chunk, ctx.N, ctx.x_dtype = hp, chunk, N, x_hat.dtype
+        ctx.s, ctx.chunk, ctx.N, ctx.x_dtype = s, chunk, N, x_hat.dtype
         col_scale = inv * s  # [n]
         if chunk is None:
             g = _logit_grad_(e, 1.0 / (gsum * N), rows, cols, 1.0 / N, dvt, col_scale, over)  # [N, n]
@@ -297,7 +258,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def _backward_chunked(ctx, grad_out):
         x_mm, w_mm, weight, inv, norm_ok, gmax, gsum, rows, cols, vt, dvt = ctx.saved_tensors
-        (s, N, chunk), n = (ctx.hp[0], ctx.N, ctx.chunk), weight.shape[0]
+        (s, N, chunk), n = (ctx.s, ctx.N, ctx.chunk), weight.shape[0]
         math_dtype = gsum.dtype
         w_raw = weight.detach()
         row_scale = grad_out.to(math_dtype) / (gsum * N)  # [N]
@@ -330,8 +291,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         return dx.to(ctx.x_dtype), dw, None, None, None, None, None
 
 
-class PartialFCHead(ShardedClassifier):
-    """Model-parallel margin-softmax classifier with Partial-FC negative sampling.
+class SoftmaxHead(ShardedClassifier):
+    """Model-parallel classifier with a softmax loss (:class:`SoftmaxLoss`) and Partial-FC negative sampling.
 
     ``loss = head(local_embeddings [B, D], local_labels [B])`` is the global-batch loss on every
     rank. With ``sample_rate < 1`` each rank keeps every positive class of the global batch and
@@ -342,27 +303,35 @@ class PartialFCHead(ShardedClassifier):
     ``chunk_size``: None (default, the faster path on CPU) materialises the [W*B, n_local]
     logits once; an int bounds the block to [W*B, chunk_size] (online softmax statistics,
     cosines recomputed in the backward: one more GEMM). Results agree to float rounding.
+    A registered subclass sets ``loss_cls``: then ``loss`` may be omitted and its hyper-parameters
+    given as keywords.
     """
+
+    loss_cls: type = SoftmaxLoss
 
     def __init__(
         self,
         embedding_size: int,
         num_classes: int,
-        margin: str = "arcface",
-        s: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
+        loss: SoftmaxLoss | None = None,
         sample_rate: float = 1.0,
         process_group=None,
-        grad: str = "straight_through",
         seed: int = 0,
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
         check_finite: bool = True,
         chunk_size: int | None = None,
+        **loss_kwargs,
     ):
-        _check(margin, grad, s, sample_rate)
+        if loss is None:
+            hparams, unknown = split_loss_kwargs(self.loss_cls, loss_kwargs)
+            if unknown:
+                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
+            loss = self.loss_cls(**hparams)
+        elif loss_kwargs:
+            raise TypeError(f"give the loss or its hyper-parameters, not both: {sorted(loss_kwargs)}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         _check_chunk(chunk_size)
         super().__init__(
             embedding_size,
@@ -373,8 +342,9 @@ class PartialFCHead(ShardedClassifier):
             check_inputs=check_inputs,
             check_finite=check_finite,
         )
-        self.margin, self.grad = margin, grad
-        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.loss = loss
+        for name, value in loss.state().items():
+            self.register_state_buffer(name, value)
         self.sample_rate = float(sample_rate)
         self.chunk_size = chunk_size
         self.generator = torch.Generator().manual_seed(int(seed) * 7919 + self.rank + 1)
@@ -383,8 +353,7 @@ class PartialFCHead(ShardedClassifier):
     def extra_repr(self) -> str:
         return (
             super().extra_repr()
-            + f", margin={self.margin}, s={self.s}, m=({self.m1}, {self.m2}, {self.m3}), "
-            f"sample_rate={self.sample_rate}, grad={self.grad}, chunk_size={self.chunk_size}"
+            + f", loss={self.loss!r}, sample_rate={self.sample_rate}, chunk_size={self.chunk_size}"
         )
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -398,8 +367,8 @@ class PartialFCHead(ShardedClassifier):
         mm_dtype = autocast_gemm_dtype(x_all.device)
         if mm_dtype is not None and mm_dtype == weight.dtype:
             mm_dtype = None
+        loss = self.loss.for_batch(x_all, self.state_buffers(), self.training)
         x_hat = F.normalize(x_all.to(weight.dtype), dim=1)  # [W*B, D]
-        hp = (self.s, self.margin, self.m1, self.m2, self.m3, self.grad)
         return _FusedMarginSoftmax.apply(
-            x_hat, weight, target_col, self.process_group, hp, self.chunk_size, mm_dtype
+            x_hat, weight, target_col, self.process_group, loss, self.chunk_size, mm_dtype
         )

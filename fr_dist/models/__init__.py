@@ -18,7 +18,6 @@ from fr_dist.models.iresnet import IRESNET_LAYERS, IResNet
 from fr_dist.models.mobilefacenet import MobileFaceNet
 from fr_dist.models.registry import (
     apply_channels_last,
-    build_backbone,
     create_backbone,
     list_backbones,
     register_backbone,
@@ -26,7 +25,6 @@ from fr_dist.models.registry import (
 
 __all__ = [
     "create_backbone",
-    "build_backbone",
     "list_backbones",
     "register_backbone",
     "apply_channels_last",

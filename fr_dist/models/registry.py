@@ -24,7 +24,6 @@ import torch.nn as nn
 __all__ = [
     "register_backbone",
     "create_backbone",
-    "build_backbone",
     "check_backbone_args",
     "list_backbones",
     "apply_channels_last",
@@ -99,7 +98,7 @@ def check_backbone_args(name: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def create_backbone(
-    name: str,
+    name: Any,
     embedding_size: int = 512,
     input_size: int = 112,
     dropout: float = 0.0,
@@ -107,10 +106,14 @@ def create_backbone(
     channels_last: bool = False,
     **kwargs,
 ) -> nn.Module:
-    """Build a backbone by registry name or ``timm/<model name>``.
+    """Build a backbone by registry name or ``timm/<model name>``, or from a ``model`` config section.
 
     Args:
-        name: registry name (see :func:`list_backbones`) or ``timm/<timm model name>``.
+        name: registry name (see :func:`list_backbones`), ``timm/<timm model name>``, or a ``model``
+            config section (the config object or its dict form, as a run's ``config.yaml`` saves it:
+            ``name``, ``embedding_size``, ``input_size``, ``dropout``, ``activation_checkpointing``,
+            ``channels_last``, ``kwargs``; missing flags are off). Explicit keyword arguments then
+            replace the section's values (e.g. ``channels_last=False``).
         embedding_size: output dimension D.
         input_size: square input size (112 for insightface crops).
         dropout: dropout before the embedding FC.
@@ -123,6 +126,8 @@ def create_backbone(
         TypeError: an argument the backbone does not take.
         ImportError: ``timm/...`` without the ``timm`` extra installed.
     """
+    if not isinstance(name, str):  # a model config section
+        return create_backbone(**_section_args(name), **kwargs)
     check_backbone_args(name, kwargs)
     common = dict(
         embedding_size=embedding_size,
@@ -141,19 +146,65 @@ def create_backbone(
     return model
 
 
-def build_backbone(model: Any, **overrides) -> nn.Module:
-    """The backbone a ``model`` config section describes: a :class:`~fr_dist.train.config.ModelConfig`
-    or its dict form (as saved in a run's ``config.yaml``; missing flags are off).
-
-    ``overrides`` replace :func:`create_backbone` arguments (e.g. ``channels_last=False``).
-    """
-    m = model if isinstance(model, Mapping) else dataclasses.asdict(model)
-    args = dict(
+def _section_args(model: Any) -> dict:
+    """create_backbone arguments from a ``model`` config section (object or dict)."""
+    m = model if isinstance(model, Mapping) else _as_dict(model)
+    return dict(
+        name=m["name"],
         embedding_size=m["embedding_size"],
         input_size=m["input_size"],
         dropout=m.get("dropout", 0.0),
         activation_checkpointing=m.get("activation_checkpointing", False),
         channels_last=m.get("channels_last", False),
+        **dict(m.get("kwargs") or {}),
     )
-    args.update(overrides)
-    return create_backbone(m["name"], **args, **dict(m.get("kwargs") or {}))
+
+
+def _as_dict(model: Any) -> dict:
+    if dataclasses.is_dataclass(model):
+        return dataclasses.asdict(model)
+    return model.model_dump() if hasattr(model, "model_dump") else dict(vars(model))
+
+
+# ----------------------------------------------------------------------------- config section
+from pydantic import ConfigDict, Field, field_validator, model_validator  # noqa: E402
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # noqa: E402
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
+class ModelConfig:
+    """``model``: what :func:`build_backbone` builds; name and arguments checked as it checks them."""
+
+    name: str = "iresnet50"
+    """Backbone registry name: iresnet18/34/50/100/200, iresnet (configurable), mobilefacenet, timm/<name>."""
+    embedding_size: int = Field(512, gt=0)
+    """Embedding dimension D."""
+    input_size: int = Field(112, gt=0)
+    """Square input image size in pixels."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout probability before the embedding FC, in [0, 1)."""
+    activation_checkpointing: bool = False
+    """Recompute stage activations in the backward to save memory."""
+    channels_last: bool = False
+    """Use channels-last memory format (faster convolutions on recent GPUs)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra backbone constructor arguments (e.g. layers, width, stem_stride for `iresnet`)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        if not name.startswith(TIMM_PREFIX) and name not in _REGISTRY:
+            near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"is not one of {', '.join(list_backbones())}{hint}")
+        return name
+
+    @model_validator(mode="after")
+    def _check_args(self):
+        for k in sorted(set(self.kwargs) & {*_COMMON_ARGS, "channels_last"}):
+            raise ValueError(f"kwargs.{k}: set it as model.{k}, not in model.kwargs")
+        try:
+            check_backbone_args(self.name, self.kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e)) from None
+        return self

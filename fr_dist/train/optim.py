@@ -21,6 +21,7 @@ __all__ = [
     "build_backbone_optimizer",
     "build_head_optimizer",
     "head_lr_wd",
+    "row_optimizer_args",
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -122,6 +123,24 @@ def head_lr_wd(train_cfg) -> tuple[float, float]:
     t = train_cfg
     lr = t.head_lr if t.head_lr is not None else t.lr
     return lr, t.head_weight_decay if t.head_weight_decay is not None else t.weight_decay
+
+
+def row_optimizer_args(train_cfg, head_optimizer: torch.optim.Optimizer) -> dict:
+    """Keywords of ``head.configure_row_optimizer`` for a head whose ``optimizer_contract()`` asks for a row
+    optimizer inside its pass: ``train.optimizer``'s kind, the head LR / WD, SGD momentum / nesterov, and
+    AdamW betas / eps exactly as ``head_optimizer`` (build_optimizer's torch AdamW) has them."""
+    t = train_cfg
+    lr, wd = head_lr_wd(t)
+    g = head_optimizer.param_groups[0]
+    return dict(
+        kind=t.optimizer,
+        lr=lr,
+        momentum=t.momentum,
+        nesterov=t.nesterov,
+        weight_decay=wd,
+        betas=g.get("betas"),
+        eps=g.get("eps"),
+    )
 
 
 def build_head_optimizer(head: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:

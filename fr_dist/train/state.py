@@ -1,14 +1,19 @@
-"""The trainer's own checkpointed state, as ``Stateful`` objects (``state_dict`` / ``load_state_dict``).
+"""The trainer's own checkpointed state, as a ``Stateful`` object (``state_dict`` / ``load_state_dict``).
 
 progress = Progress(world_size, global_batch)     # step, epoch, consumed, best_acc, nonfinite
 states = {"trainer": progress, "sampler": SamplerState(loader.sampler, progress),
-          "sched_bb": ScheduleState(sched), ...}  # handed to train/checkpoint.py
+          "sched_bb": ScheduleState(sched), ...}  # handed to fr_dist.checkpoint's manager
+
+The adapters of other objects (SamplerState, ScheduleState, HeadShards, RngState) live in
+:mod:`fr_dist.checkpoint.states`; the first two are re-exported here under their old names.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+
+from fr_dist.checkpoint.states import SamplerState, ScheduleState
 
 __all__ = ["Progress", "SamplerState", "ScheduleState"]
 
@@ -55,34 +60,3 @@ class Progress:
                 "at the same sample, step counts in the schedule are kept as saved",
                 stacklevel=1,
             )
-
-
-class SamplerState:
-    """The data sampler's position, with the epoch and the samples consumed in it."""
-
-    def __init__(self, sampler, progress: Progress):
-        self.sampler, self.progress = sampler, progress
-
-    def state_dict(self) -> dict:
-        st = dict(self.sampler.state_dict())
-        st.update(epoch=self.progress.epoch, consumed_global=self.progress.consumed)
-        return st
-
-    def load_state_dict(self, st: dict) -> None:
-        self.sampler.load_state_dict(st)
-        self.progress.consumed = st["consumed_global"]
-
-
-class ScheduleState:
-    """An LR scheduler; on load its optimizer's current LR is put back (not in the scheduler's state)."""
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
-
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, st: dict) -> None:
-        self.scheduler.load_state_dict(st)
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from fr_dist import comm
+from fr_dist.checkpoint.states import SamplerState, ScheduleState
 from fr_dist.heads import create_head
-from fr_dist.heads.sf2_fused import RowAdamW, RowOptimizer
-from fr_dist.models import build_backbone
+from fr_dist.models import create_backbone
 from fr_dist.runtime import DistEnv
 from fr_dist.signals import StopSignals, signal_name
 from fr_dist.train import checkpoint as ckpt
@@ -31,9 +31,9 @@ from fr_dist.train.config import Config
 from fr_dist.train.config_load import config_errors, save_config
 from fr_dist.train.engines import ParallelDims, apply_ddp, apply_deepspeed
 from fr_dist.train.logging import MetricsLogger, Throughput, format_progress, rank0_print
-from fr_dist.train.optim import build_backbone_optimizer, build_head_optimizer, head_lr_wd
+from fr_dist.train.optim import build_backbone_optimizer, build_head_optimizer, row_optimizer_args
 from fr_dist.train.schedule import build_scheduler, optimizer_steps_per_epoch, resolve_schedule
-from fr_dist.train.state import Progress, SamplerState, ScheduleState
+from fr_dist.train.state import Progress
 
 __all__ = ["Trainer"]
 
@@ -63,7 +63,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical backbone init on every rank and every world size
         m = cfg.model
         with config_errors(f"model ({m.name!r}, model.kwargs={m.kwargs})", {}):  # e.g. bad layers
-            backbone = build_backbone(m).to(device)
+            backbone = create_backbone(m).to(device)
         self.head = create_head(
             cfg.head.name,
             embedding_size=m.embedding_size,
@@ -82,22 +82,12 @@ class Trainer:
         spe = optimizer_steps_per_epoch(len(loader) * global_batch, global_batch, t.grad_accum)
         plan = resolve_schedule(t, spe, micro_batches_per_epoch=len(loader))
         self.total_steps = plan["total_steps"]
-        self.opt_head = build_head_optimizer(self.head, t)
-        if getattr(self.head, "row_optimizer", None) is not None:
-            # SphereFace2 fused update: the head updates its own rows (requires_grad=False, so not in
-            # opt_head, which keeps the bias); the LR follows the head schedule (set every step)
+        self.opt_head = build_head_optimizer(self.head, t)  # torch.optim on the head's trainable parameters
+        contract = self.head.optimizer_contract()
+        if contract.row_optimizer:  # and an update of its rows inside its pass; LR set every step
             if t.grad_accum != 1:
-                raise ValueError("head.sphereface2.fused_update needs train.grad_accum=1")
-            lr, wd = head_lr_wd(t)
-            if t.optimizer == "adamw":  # betas / eps exactly as opt_head's (build_optimizer's) AdamW
-                g = self.opt_head.param_groups[0]
-                self.head.row_optimizer = RowAdamW(
-                    lr=lr, betas=tuple(g["betas"]), eps=g["eps"], weight_decay=wd
-                )
-            else:
-                self.head.row_optimizer = RowOptimizer(
-                    lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=wd
-                )
+                raise ValueError(f"{contract.option} needs train.grad_accum=1")
+            self.head.configure_row_optimizer(**row_optimizer_args(t, self.opt_head))
         opt_bb = build_backbone_optimizer(backbone, t)
         if self.dims.engine == "deepspeed":
             self.bb = apply_deepspeed(
@@ -146,8 +136,7 @@ class Trainer:
         self.bb.train(True)
         self.head.train(True)
         loss_sum, images = 0.0, 0
-        if getattr(self.head, "row_optimizer", None) is not None:
-            self.head.row_optimizer.lr = self.opt_head.param_groups[0]["lr"]  # the head schedule's LR
+        self.head.set_row_lr(self.opt_head.param_groups[0]["lr"])  # the head schedule's LR (if it asked)
         for micro in range(t.grad_accum):
             imgs, labels = next(batches)
             last = micro == t.grad_accum - 1
@@ -287,8 +276,7 @@ class Trainer:
             grad_norm=out["grad_norm"],
             epoch=self.progress.epoch,
         )
-        if hasattr(self.head, "bias"):
-            scalars["sf2_bias"] = float(self.head.bias.detach())
+        scalars.update(self.head.log_scalars())
         if self.scaler.is_enabled():
             scalars.update(loss_scale=float(self.scaler.get_scale()), scaler_skips=self.progress.scaler_skips)
         eta = meter.eta(self.total_steps - self.step)

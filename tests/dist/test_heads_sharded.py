@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import margin_softmax_loss, sphereface2_loss
 
 from fr_dist import comm
-from fr_dist.heads import PartialFCHead, SphereFace2Head, margin_softmax_loss, sphereface2_loss
-from fr_dist.heads.margins import sphereface2_bias_init
+from fr_dist.heads import PartialFCHead, SphereFace2Head, sphereface2_bias_init
 from fr_dist.testing import spawn_gloo
 
 pytestmark = pytest.mark.dist

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fr_dist.heads import SphereFace2Head
-from fr_dist.heads.sf2_fused import RowAdamW
+from fr_dist.heads.row_optim import RowAdamW
 from fr_dist.sharding import assemble
 from fr_dist.testing import spawn_gloo
 from fr_dist.train import checkpoint as ckpt

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import sphereface2_loss
 
 from fr_dist import comm
-from fr_dist.heads import SphereFace2Head, sphereface2_loss
-from fr_dist.heads.sf2_fused import RowOptimizer
+from fr_dist.heads import SphereFace2Head
+from fr_dist.heads.row_optim import RowOptimizer
 from fr_dist.sharding import assemble
 from fr_dist.testing import spawn_gloo
 from fr_dist.train import checkpoint as ckpt

@@ -103,13 +103,26 @@ def test_gpu_check_dry_run(tmp_path):
     env = _e2e_env()
     env["PYTHON"] = sys.executable
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)]
+    cmd += ["--data-dir", str(tmp_path / "data")]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "gpu_check summary" in p.stdout
     summary = json.loads((out / "summary.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
-    for step in ("env", "heads_fp32", "train_bf16", "dali", "e2e", "capacity"):
+    steps = ["env", "calibrate", "data_synth", "heads_fp32", "train_bf16", "e2e", "capacity", "annotate"]
+    try:
+        import nvidia.dali  # noqa: F401
+
+        steps.append("dali")
+    except ImportError:
+        assert status["dali"] == "skipped: nvidia.dali not importable", status
+    for step in steps:
         assert status[step] == "ok", (step, status)
+    # the synthetic RecordIO set was made by the script (data_synth), not taken from data/
+    (run,) = json.loads((out / "train_throughput.json").read_text())["runs"]
+    assert {"synthetic", "torch"} <= {r["source"] for r in run["results"]}
+    assert (tmp_path / "data" / "synthetic_dry" / "train.rec").stat().st_size > 0
+    assert not (out / "synthetic_dry").exists()  # the data stays out of the results folder
     # the GPU-only commands are printed, not run
     assert status["train_fp16_gpu"].startswith("shown") and status["e2e_gpu"].startswith("shown")
     assert "--device cuda" in p.stdout and "train.amp=fp16" in p.stdout

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fr_dist.train.config import Config, ConfigError, validate_against_dataset
-from fr_dist.train.config_load import _build, field_info, format_help, load_config, save_config
+from fr_dist.train.config_load import config_from_dict, field_info, format_help, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -342,7 +342,7 @@ def test_save_and_reload_roundtrip(tmp_path):
     assert out.is_file() and not list(out.parent.glob(".*tmp*"))
     again = load_config(str(out), [])
     assert again == cfg
-    assert _build(Config, yaml.safe_load(out.read_text())) == cfg
+    assert config_from_dict(yaml.safe_load(out.read_text())) == cfg
     assert dataclasses.asdict(cfg) == cfg.to_dict()
 
 

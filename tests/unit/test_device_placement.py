@@ -18,7 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from fr_dist.heads import PartialFCHead, SphereFace2Head
-from fr_dist.heads.sf2_fused import RowAdamW, RowOptimizer
+from fr_dist.heads.row_optim import RowAdamW, RowOptimizer
 
 PKG = str(Path(__import__("fr_dist").__file__).parent)
 FACTORIES = {
@@ -113,14 +113,14 @@ def test_partial_fc_step_creates_no_deviceless_tensor(kw):
 
 def test_the_check_sees_a_deviceless_tensor(monkeypatch):
     """The recorder itself: a factory call without device= inside fr_dist is reported by file and line."""
-    from fr_dist.heads import sf2_fused
+    from fr_dist.heads.binary import BinaryStages
 
-    real = sf2_fused._softplus_out
+    real = BinaryStages.softplus
 
-    def leaky(z, out):
-        torch.zeros(1)  # this frame is the test's; the innermost fr_dist frame is sf2_fused's call
+    def leaky(z, out=None):
+        torch.zeros(1)  # this frame is the test's; the innermost fr_dist frame is the fused pass's call
         return real(z, out)
 
-    monkeypatch.setattr(sf2_fused, "_softplus_out", leaky)
+    monkeypatch.setattr(BinaryStages, "softplus", staticmethod(leaky))
     found = _step(SphereFace2Head(D, K, seed=1, kernel="eager"))
-    assert found and all(f.startswith("heads/sf2_fused.py:") for f in found), found
+    assert found and all(f.startswith("heads/binary.py:") for f in found), found

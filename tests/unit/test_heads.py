@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import sphereface2_partial_loss
 
 from fr_dist.heads import (
     PartialFCHead,
@@ -12,7 +13,6 @@ from fr_dist.heads import (
     create_head,
     init_weight_rows,
     list_heads,
-    sphereface2_partial_loss,
 )
 from fr_dist.heads.sampling import sample_classes
 

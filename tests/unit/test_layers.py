@@ -29,6 +29,7 @@ LAYERS = {
     "comm": 0,
     "sharding": 0,
     "checkpoint_io": 0,
+    "checkpoint": 0,  # layout, atomic save, manager, states, deepspeed: errors + comm only
     "errors": 0,
     "launch": 0,
     "signals": 0,

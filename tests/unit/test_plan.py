@@ -169,7 +169,7 @@ def test_backbone_terms_by_hand():
 
 def test_automatic_chunk_is_the_heads():
     """chunk_size 0 plans the chunk the head picks on the profile's device (auto_chunk_size)."""
-    from fr_dist.heads.sf2_fused import auto_chunk_size
+    from fr_dist.heads.binary import auto_chunk_size
 
     c = cfg(
         identities=100_000_000,

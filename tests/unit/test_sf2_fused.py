@@ -7,11 +7,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import sphereface2_loss, sphereface2_target_slope, sphereface2_target_value
 
-from fr_dist.heads import SphereFace2Head, sphereface2_loss
-from fr_dist.heads.margins import sphereface2_target_value
+from fr_dist.heads import SphereFace2Head
+from fr_dist.heads.binary import auto_chunk_size
+from fr_dist.heads.row_optim import RowOptimizer
 from fr_dist.heads.sampling import sample_negatives
-from fr_dist.heads.sf2_fused import RowOptimizer, auto_chunk_size, sphereface2_target_slope
 
 D, K, N = 8, 37, 12
 M_OF = {"C": 0.4, "A": 0.5, "M": 1.7}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import FusedPlan, sphereface2_fused_partial_loss
 
 from fr_dist.heads import SphereFace2Head
-from fr_dist.heads.sf2_fused import FusedPlan, RowAdamW, RowOptimizer, sphereface2_fused_partial_loss
+from fr_dist.heads.row_optim import RowAdamW, RowOptimizer
 
 D, K, N = 16, 45, 12
 BETAS = (0.8, 0.95)  # non-default, so a wrong source of betas shows

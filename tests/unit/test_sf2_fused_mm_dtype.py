@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fr_dist.heads import SphereFace2Head
-from fr_dist.heads.sf2_fused import RowOptimizer
+from fr_dist.heads.row_optim import RowOptimizer
 
 D, K, N = 32, 301, 24
 

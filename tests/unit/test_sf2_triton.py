@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 import torch  # noqa: E402
 
 from fr_dist.heads import SphereFace2Head  # noqa: E402
-from fr_dist.heads.sf2_fused import RowOptimizer  # noqa: E402
+from fr_dist.heads.row_optim import RowOptimizer  # noqa: E402
 
 D, K, N = 16, 150, 20
 
@@ -64,7 +64,7 @@ def test_triton_chunk_equals_eager(margin, grad, t, chunk):
 
 def test_triton_kernel_is_the_one_that_ran(monkeypatch):
     """kernel='triton' goes through the kernel (counted), 'eager' and fp64 never do."""
-    from fr_dist.heads import sf2_triton
+    from fr_dist.heads import binary_triton as sf2_triton
 
     calls = []
     real = sf2_triton.negative_terms_
@@ -99,7 +99,7 @@ def test_triton_with_sampling_and_fused_update():
 
 
 def test_triton_unavailable_is_an_error_not_a_silent_fallback(monkeypatch):
-    from fr_dist.heads import sf2_triton
+    from fr_dist.heads import binary_triton as sf2_triton
 
     monkeypatch.setattr(sf2_triton, "available", lambda device: False)
     with pytest.raises(RuntimeError, match="kernel='triton' needs Triton"):

@@ -16,7 +16,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from fr_dist.heads import sf2_triton  # noqa: E402
+from fr_dist.heads import binary_triton  # noqa: E402
 
 SIGNATURE = {
     "u_ptr": "*fp32",
@@ -40,9 +40,9 @@ def test_kernel_has_no_nonlocal_names():
     """Every name the kernel reads is a module global or a builtin, never a closure variable: compiled
     Triton before mid-2025 resolved kernel names from the module only (pytorch#132534: ``NameError: tl is
     not defined`` for a kernel defined inside a function that imported triton.language)."""
-    code = sf2_triton.sf2_negatives.__code__
+    code = binary_triton.binary_negatives.__code__
     assert code.co_freevars == (), f"closure variables {code.co_freevars}"
-    g = sf2_triton.sf2_negatives.__globals__
+    g = binary_triton.binary_negatives.__globals__
     assert g.get("tl") is triton.language, "triton.language must be the module global tl"
     # the names the kernel reads directly (not attributes: tl.load's 'load' is also in co_names)
     loads = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
@@ -56,7 +56,7 @@ def _compile(arch: int, **const):
     from triton.runtime.jit import JITFunction
 
     # JITFunction directly: triton.jit would return the interpreter's function under TRITON_INTERPRET=1
-    fn = JITFunction(sf2_triton.sf2_negatives)
+    fn = JITFunction(binary_triton.binary_negatives)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in CONSTEXPRS})
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32))
@@ -68,7 +68,7 @@ def test_kernel_compiles_to_cubin(arch):
     lowers to a cubin for A100 and H100."""
     k = _compile(arch, CLIP=True, EXACT=True, HAS_CW=True, GRADS=True, POW=-1, BLOCK_N=32, BLOCK_C=64)
     assert len(k.asm["cubin"]) > 0
-    assert ".entry sf2_negatives" in k.asm["ptx"]
+    assert ".entry binary_negatives" in k.asm["ptx"]
 
 
 def test_every_constexpr_variant_compiles():

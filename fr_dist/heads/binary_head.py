@@ -1,20 +1,18 @@
-"""SphereFace2: binary one-vs-all loss without a softmax normaliser, model-parallel over classes.
+"""The binary family's head: a sharded classifier running a :class:`~fr_dist.heads.binary.BinaryLoss`.
 
-For a global batch of B embeddings with cosines c_ij = <x_i/|x_i|, w_j/|w_j|>:
+Every term involves one (sample, class) pair, so a rank owning classes [start, start + n) computes its part
+alone: the forward needs the gathered batch only, and no max/sum all-reduce over B-length vectors exists.
+Per step the head issues one all-gather (embeddings with labels packed in), one reduce-scatter (embedding
+gradients), a 1-element all-reduce of the loss value and a 1-element all-reduce of dL/db (plus the
+optional 3-int shape handshake, ``check_inputs``).
 
-    L = (lw / (r B)) sum_i [ lam softplus(-(r g_hat_iy + b)) + (1 - lam) sum_{j != y_i} softplus(r g_hat_ij + b) ]
+Weight normalisation (as OpenSphere): each forward re-projects the head's own weight rows onto the unit
+sphere in place, outside autograd; the loss uses the (detached) row norms, so ``weight.grad`` is dL/dW_used,
+the gradient w.r.t. the unit-norm rows.
 
-with g_hat from :func:`fr_dist.heads.margins.sphereface2_target_value`. Every term involves one
-(sample, class) pair, so a rank owning classes [start, start + n) computes its part alone: the
-forward needs the gathered batch only, and no max/sum all-reduce over B-length vectors exists.
-
-Per step, :class:`SphereFace2Head` issues one all-gather (embeddings with labels packed in),
-one reduce-scatter (embedding gradients), a 1-element all-reduce of the loss value and a
-1-element all-reduce of dL/db (plus the optional 3-int shape handshake, ``check_inputs``).
-
-Weight normalisation (as OpenSphere): at the start of each forward the head re-projects its
-own weight rows onto the unit sphere in place, outside autograd; the forward divides by the
-(detached) row norms, so ``weight.grad`` is dL/dW_used, the gradient w.r.t. the unit-norm rows.
+Two paths, on the same stages (:class:`~fr_dist.heads.binary.BinaryStages`): ``fused=True`` (default) the
+chunked single pass of heads/binary.py (+ its Triton kernel, optional in-pass row update, negative
+sampling); ``fused=False`` materialises cos [W*B, n] with autograd GEMMs and dL/dcos (kept for comparison).
 """
 
 from __future__ import annotations
@@ -25,42 +23,19 @@ import torch
 import torch.nn.functional as F
 
 from fr_dist import comm
-from fr_dist.heads import sf2_triton
-from fr_dist.heads.base import ShardedClassifier, autocast_gemm_dtype
-from fr_dist.heads.margins import (
-    SPHEREFACE2_MARGINS,
-    sphereface2_bias_init,
-    sphereface2_target_value,
-    target_mask,
-)
+from fr_dist.heads.binary import BinaryLoss, BinaryPlan, BinaryStages, binary_partial_loss
+from fr_dist.heads.row_optim import RowAdamW, RowOptimizer, build_row_optimizer
 from fr_dist.heads.sampling import num_sampled, sample_negatives
-from fr_dist.heads.sf2_fused import FusedPlan, RowAdamW, RowOptimizer, sphereface2_fused_partial_loss
+from fr_dist.heads.sharded import OptimizerContract, ShardedClassifier, autocast_gemm_dtype, split_loss_kwargs
 
-__all__ = ["SphereFace2Head", "sphereface2_loss", "sphereface2_partial_loss", "GRAD_MODES"]
-
-GRAD_MODES = ("detached", "exact")
-
-# Rows of the [N, n] cosine matrix processed at once in the fused loss (bounds temporaries).
-_CHUNK_ELEMS = 1 << 22
-
-
-def _softplus(z: torch.Tensor) -> torch.Tensor:
-    """log(1 + e^z), exact for every z (no threshold switch)."""
-    return z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))
-
-
-def _check_hparams(margin: str, grad: str, lam: float) -> None:
-    if margin not in SPHEREFACE2_MARGINS:
-        raise ValueError(f"unknown SphereFace2 margin {margin!r}; known: {SPHEREFACE2_MARGINS}")
-    if grad not in GRAD_MODES:
-        raise ValueError(f"unknown gradient mode {grad!r}; known: {GRAD_MODES}")
-    if not 0.0 < lam < 1.0:
-        raise ValueError(f"lam (lambda) must be in (0, 1), got {lam}")
-
+__all__ = ["BinaryHead", "binary_block_loss", "KERNELS", "PROXY_DTYPES"]
 
 PROXY_DTYPES = ("fp32", "bf16")
 # the fused chunk's elementwise part: auto = the Triton kernel on CUDA when Triton is installed, else eager
 KERNELS = ("auto", "eager", "triton")
+
+# Rows of the [N, n] cosine matrix processed at once by the materialised path (bounds temporaries).
+_CHUNK_ELEMS = 1 << 22
 
 
 def _check_fused_options(
@@ -84,148 +59,77 @@ def _check_fused_options(
         raise ValueError("fused_update / negative sampling need fused=True")
 
 
-class _SphereFace2Partial(torch.autograd.Function):
-    """Fused local loss: cos [N, n], target column [N], bias [1] -> partial loss (scalar).
+class _BinaryBlock(torch.autograd.Function):
+    """Materialised local loss: cos [N, n], target column [N], bias [1] -> partial loss (scalar).
 
-    The gradient dL/dcos is computed in the forward, chunk by chunk, and kept in cos.dtype
-    (one [N, n] tensor), as insightface's DistCrossEntropy does for softmax.
+    dL/dcos is computed in the forward, row chunk by row chunk, with the fused pass's stages, and kept in
+    cos.dtype (one [N, n] tensor), as insightface's DistCrossEntropy does for softmax.
     """
 
     @staticmethod
-    def forward(ctx, cos, target_col, bias, lam, r, m, t, lw, margin, grad, batch_size):
+    def forward(ctx, cos, target_col, bias, loss: BinaryLoss, batch_size):
         N, n = cos.shape
-        math_dtype = torch.float64 if cos.dtype == torch.float64 else torch.float32
-        b = bias.detach().to(math_dtype).reshape(())
+        cdt = torch.float64 if cos.dtype == torch.float64 else torch.float32
+        b = float(bias.detach().reshape(()))
+        co = loss.coefficients(b, batch_size)
+        z0_t = torch.full((), co.z0, dtype=cdt, device=cos.device)
         grad_cos = torch.empty_like(cos)
-        loss = torch.zeros((), dtype=math_dtype, device=cos.device)
-        grad_b = torch.zeros((), dtype=math_dtype, device=cos.device)
-        scale = lw / (r * batch_size)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=cos.device)
+        gb_acc = torch.zeros((), dtype=torch.float64, device=cos.device)
         step = max(1, _CHUNK_ELEMS // max(n, 1))
         for lo in range(0, N, step):
-            c = cos[lo : lo + step].detach().to(math_dtype)  # [rows, n]
-            is_t = target_mask(target_col[lo : lo + step], n)  # [rows, n]
-            if grad == "exact":
-                with torch.enable_grad():
-                    cr = c.requires_grad_(True)
-                    ghat = sphereface2_target_value(cr, is_t, margin, m, t)
-                    (dghat,) = torch.autograd.grad(ghat.sum(), cr)
-                ghat = ghat.detach()
-            else:
-                ghat = sphereface2_target_value(c, is_t, margin, m, t)
-                dghat = None
-            z = r * ghat + b
-            w_pos = torch.tensor(lam * scale, dtype=math_dtype, device=cos.device)
-            w_neg = torch.tensor((1.0 - lam) * scale, dtype=math_dtype, device=cos.device)
-            w = torch.where(is_t, w_pos, w_neg)  # [rows, n] per-entry weight
-            isf = is_t.to(math_dtype)
-            loss += (w * (_softplus(z) - isf * z)).sum()
-            dz = w * (torch.sigmoid(z) - isf)  # dL/dz
-            grad_b += dz.sum()
-            gc = dz * r if dghat is None else dz * (r * dghat)
-            grad_cos[lo : lo + step] = gc.to(cos.dtype)
-        ctx.save_for_backward(grad_cos, grad_b)
+            u = cos[lo : lo + step].detach().to(cdt, copy=True)  # [rows, n], becomes dL/dcos / alpha
+            tc = target_col[lo : lo + step]  # [rows]
+            pr = (tc >= 0).nonzero().reshape(-1)  # [p] rows with their target here
+            pc = tc[pr]  # [p]
+            cos_t = u[pr, pc].clone()  # [p]
+            p, s = torch.empty_like(u), torch.empty_like(u)  # [rows, n]
+            loss_n, gb_n = BinaryStages.negatives_(u, p, s, (pr, pc), None, co, z0_t, grads=True)
+            loss_t, dz_t = BinaryStages.targets(loss.target_logit(cos_t, b), co.w_pos)
+            loss_acc += loss_n + loss_t
+            gb_acc += gb_n + dz_t.sum().double()
+            u[pr, pc] = BinaryStages.target_grad(dz_t, cos_t, loss, co)
+            grad_cos[lo : lo + step] = u.mul_(co.alpha).to(cos.dtype)
+        ctx.save_for_backward(grad_cos, gb_acc)
         ctx.bias_dtype = bias.dtype
-        return loss.to(cos.dtype if cos.dtype.is_floating_point else math_dtype)
+        return loss_acc.to(cos.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_cos, grad_b = ctx.saved_tensors
         g_cos = grad_cos * grad_out.to(grad_cos.dtype)
         g_b = (grad_b * grad_out.to(grad_b.dtype)).reshape(1).to(ctx.bias_dtype)
-        return g_cos, None, g_b, None, None, None, None, None, None, None, None
+        return g_cos, None, g_b, None, None
 
 
-def sphereface2_partial_loss(
-    cos: torch.Tensor,
-    target_col: torch.Tensor,
-    bias: torch.Tensor,
-    *,
-    lam: float,
-    r: float,
-    m: float,
-    t: float,
-    lw: float,
-    margin: str,
-    grad: str,
-    batch_size: int,
+def binary_block_loss(
+    cos: torch.Tensor, target_col: torch.Tensor, bias: torch.Tensor, loss: BinaryLoss, batch_size: int
 ) -> torch.Tensor:
-    """This shard's share of the SphereFace2 loss (fused forward/backward, no collectives).
+    """This shard's share of ``loss`` from a materialised cosine block (no collectives).
 
-    cos [N, n] for the shard's n classes; target_col [N] in [-1, n); bias [1];
+    cos [N, n] for the shard's n classes (differentiable); target_col [N] in [-1, n); bias [1];
     batch_size is the GLOBAL batch size B that normalises the loss.
     """
-    _check_hparams(margin, grad, lam)
-    return _SphereFace2Partial.apply(
-        cos,
-        target_col,
-        bias,
-        float(lam),
-        float(r),
-        float(m),
-        float(t),
-        float(lw),
-        margin,
-        grad,
-        int(batch_size),
-    )
+    return _BinaryBlock.apply(cos, target_col, bias, loss, int(batch_size))
 
 
-def sphereface2_loss(
-    embeddings: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor,
-    lam: float = 0.7,
-    r: float = 40.0,
-    m: float = 0.4,
-    t: float = 3.0,
-    lw: float = 50.0,
-    margin: str = "C",
-    grad: str = "detached",
-) -> torch.Tensor:
-    """Dense single-process reference, written with plain autograd ops (independent of the fused path).
+class BinaryHead(ShardedClassifier):
+    """Model-parallel classifier with a binary loss (the fr_dist product: SphereFace2).
 
-    embeddings [B, D] (raw), weight [K, D], labels [B] in [0, K), bias [1] or scalar.
-    The weight rows are divided by their detached norms, so for unit-norm rows (what the head
-    keeps) ``weight.grad`` is OpenSphere's dL/dW_used; nothing is modified in place.
+    ``loss = head(local_embeddings [B, D], local_labels [B])`` returns the loss of the GLOBAL batch
+    (identical on every rank). ``head.weight`` is this rank's [num_local, D] shard and ``head.bias`` the
+    loss's shared learnable bias b, initialised from the GLOBAL K (:meth:`BinaryLoss.initial_bias`) and
+    kept identical on all ranks (its gradient is all-reduced). A registered subclass sets ``loss_cls``:
+    then ``loss`` may be omitted and its hyper-parameters given as keywords.
     """
-    _check_hparams(margin, grad, lam)
-    B, K = embeddings.shape[0], weight.shape[0]
-    x_hat = F.normalize(embeddings, dim=1)  # [B, D]
-    w_hat = weight / weight.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)  # [K, D]
-    cos = x_hat @ w_hat.t()  # [B, K]
-    is_t = F.one_hot(labels.long(), K).bool()  # [B, K]
-    if grad == "exact":
-        ghat = sphereface2_target_value(cos, is_t, margin, m, t)
-    else:
-        ghat = cos + (sphereface2_target_value(cos.detach(), is_t, margin, m, t) - cos.detach())
-    z = r * ghat + bias.reshape(())
-    pos = lam * F.softplus(-z, beta=1.0, threshold=1e9)
-    neg = (1.0 - lam) * F.softplus(z, beta=1.0, threshold=1e9)
-    per = torch.where(is_t, pos, neg)
-    return lw / (r * B) * per.sum()
 
-
-class SphereFace2Head(ShardedClassifier):
-    """Model-parallel SphereFace2 classifier (the fr_dist product).
-
-    ``loss = head(local_embeddings [B, D], local_labels [B])`` returns the loss of the GLOBAL
-    batch (identical on every rank). ``head.weight`` is this rank's [num_local, D] shard and
-    ``head.bias`` the shared learnable bias b, initialised from the GLOBAL K (OpenSphere's
-    closed form) and kept identical on all ranks (its gradient is all-reduced).
-    """
+    loss_cls: type = BinaryLoss
 
     def __init__(
         self,
         embedding_size: int,
         num_classes: int,
-        lam: float = 0.7,
-        r: float = 40.0,
-        m: float = 0.4,
-        t: float = 3.0,
-        lw: float = 50.0,
-        margin: str = "C",
-        grad: str = "detached",
+        loss: BinaryLoss | None = None,
         process_group=None,
         seed: int = 0,
         embedding_grad_scale: float = 1.0,
@@ -239,8 +143,15 @@ class SphereFace2Head(ShardedClassifier):
         sample_rate: float = 1.0,
         num_negatives: int = 0,
         kernel: str = "auto",
+        **loss_kwargs,
     ):
-        _check_hparams(margin, grad, lam)
+        if loss is None:
+            hparams, unknown = split_loss_kwargs(self.loss_cls, loss_kwargs)
+            if unknown:
+                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
+            loss = self.loss_cls(**hparams)
+        elif loss_kwargs:
+            raise TypeError(f"give the loss or its hyper-parameters, not both: {sorted(loss_kwargs)}")
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
         _check_fused_options(
@@ -259,18 +170,13 @@ class SphereFace2Head(ShardedClassifier):
             if fused_update and proxy_dtype == "bf16" and not master_weights
             else torch.float32,
         )
-        self.lam, self.r, self.m, self.t, self.lw = (
-            float(lam),
-            float(r),
-            float(m),
-            float(t),
-            float(lw),
-        )
-        self.margin, self.grad = margin, grad
-        b0 = sphereface2_bias_init(num_classes, lam, r, m, t, margin)
+        self.loss = loss
+        for name, value in loss.state().items():
+            self.register_state_buffer(name, value)
+        b0 = loss.initial_bias(num_classes)
         self.bias = torch.nn.Parameter(torch.tensor([b0], dtype=torch.float32))  # [1], replicated
         self.fused = bool(fused)
-        """Chunked single-pass loss (:mod:`fr_dist.heads.sf2_fused`); False = the cosine-block path."""
+        """Chunked single-pass loss (:mod:`fr_dist.heads.binary`); False = the materialised block path."""
         self.chunk_size = int(chunk_size)
         """Classes per chunk of the fused pass; 0 = from a ~1 MB budget per [W*B, chunk] temporary."""
         self.fused_update = bool(fused_update)
@@ -293,15 +199,31 @@ class SphereFace2Head(ShardedClassifier):
         if self.sampling:
             self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 104_729 + self.rank)
 
+    # ------------------------------------------------------------------ what the trainer asks
+    def optimizer_contract(self) -> OptimizerContract:
+        return OptimizerContract(
+            row_optimizer=self.fused_update, option=f"head.{self.loss_name}.fused_update"
+        )
+
+    def configure_row_optimizer(self, kind: str, **hparams) -> None:
+        self.row_optimizer = build_row_optimizer(kind, **hparams)
+
+    def set_row_lr(self, lr: float) -> None:
+        if self._row_optimizer is not None:
+            self._row_optimizer.lr = lr
+
+    def log_scalars(self) -> dict[str, float]:
+        return {self.loss.bias_metric: float(self.bias.detach())}
+
     @property
     def row_optimizer(self):
-        """The fused update's optimizer: :class:`RowOptimizer` (SGD: lr / momentum / nesterov /
-        weight_decay) or :class:`RowAdamW` (lr / betas / eps / weight_decay). The trainer sets it, and
-        ``lr`` every step from the head's LR schedule. Assigning a :class:`RowAdamW` registers its
-        per-row state (zeros) next to ``weight_momentum`` (its exp_avg): ``weight_exp_avg_sq`` [n, D]
-        (the storage dtype of the proxies, bf16 or fp32) and ``weight_step`` [n] int32 (the per-row
-        bias-correction count); all are checkpointed and re-sharded as rows. Assigning an SGD
-        optimizer drops them again. Assign before loading a checkpoint."""
+        """The in-pass update's optimizer (:mod:`fr_dist.heads.row_optim`): ``RowOptimizer`` (SGD: lr /
+        momentum / nesterov / weight_decay) or ``RowAdamW`` (lr / betas / eps / weight_decay). The trainer
+        sets it (:meth:`configure_row_optimizer`) and ``lr`` every step from the head's LR schedule.
+        Assigning a ``RowAdamW`` registers its per-row state (zeros) next to ``weight_momentum`` (its
+        exp_avg): ``weight_exp_avg_sq`` [n, D] (the storage dtype of the proxies, bf16 or fp32) and
+        ``weight_step`` [n] int32 (the per-row bias-correction count); all are checkpointed and re-sharded
+        as rows. Assigning an SGD optimizer drops them again. Assign before loading a checkpoint."""
         return self._row_optimizer
 
     @row_optimizer.setter
@@ -320,8 +242,8 @@ class SphereFace2Head(ShardedClassifier):
 
     def extra_repr(self) -> str:
         return (
-            super().extra_repr() + f", lam={self.lam}, r={self.r}, m={self.m}, t={self.t}, lw={self.lw}, "
-            f"margin={self.margin}, grad={self.grad}, fused={self.fused}, fused_update={self.fused_update}, "
+            super().extra_repr()
+            + f", loss={self.loss!r}, fused={self.fused}, fused_update={self.fused_update}, "
             f"proxy_dtype={self.proxy_dtype}, sample_rate={self.sample_rate}, num_negatives={self.num_negatives}, "
             f"kernel={self.kernel}"
         )
@@ -354,14 +276,14 @@ class SphereFace2Head(ShardedClassifier):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.fused:
-            return self._forward_cosine_block(embeddings, labels)
+            return self._forward_block(embeddings, labels)
         x_all, labels_all = self.gather(embeddings, labels)  # [W*B, D], [W*B]
         target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
         x_hat = F.normalize(x_all, dim=1)  # [W*B, D]
         bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
         do_update = self.fused_update and self.training and torch.is_grad_enabled()
-        plan = FusedPlan(
-            **self._loss_hparams(),
+        plan = BinaryPlan(
+            loss=self.loss,
             batch_size=x_all.shape[0],
             chunk_size=self.chunk_size,
             optimizer=self.row_optimizer,
@@ -381,13 +303,15 @@ class SphereFace2Head(ShardedClassifier):
             plan.index, target_col, plan.col_weight = sample_negatives(
                 target_col, self.num_local, k, self.generator
             )  # [S], [W*B] in [-1, S), [S]
-        partial = sphereface2_fused_partial_loss(x_hat, self.weight, bias, target_col, plan)
+        partial = binary_partial_loss(x_hat, self.weight, bias, target_col, plan)
         return comm.reduce_from_shards(partial, self.process_group, name="loss")  # 1-elem all-reduce
 
     def _chunk_kernel(self, device: torch.device) -> str:
         if self.kernel == "eager" or (self.kernel == "auto" and device.type != "cuda"):
             return "eager"
-        if sf2_triton.available(device):
+        from fr_dist.heads import binary_triton  # imports triton (which reads TRITON_INTERPRET once)
+
+        if binary_triton.available(device):
             return "triton"
         if self.kernel == "triton":
             raise RuntimeError(
@@ -396,14 +320,8 @@ class SphereFace2Head(ShardedClassifier):
             )
         return "eager"
 
-    def _loss_hparams(self) -> dict:
-        """The loss hyper-parameters, as both loss paths take them."""
-        return dict(
-            lam=self.lam, r=self.r, m=self.m, t=self.t, lw=self.lw, margin=self.margin, grad=self.grad
-        )
-
-    def _forward_cosine_block(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The unfused path: materialises cos [W*B, n] and dL/dcos (kept for comparison)."""
+    def _forward_block(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The materialised path: cos [W*B, n] and dL/dcos (kept for comparison)."""
         self.renormalize_()
         x_all, labels_all = self.gather(embeddings, labels)  # [W*B, D], [W*B]
         target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
@@ -413,7 +331,5 @@ class SphereFace2Head(ShardedClassifier):
         cos = F.linear(x_hat, w_hat)  # [W*B, n_r] (bf16 under autocast)
         cos = cos.float() if cos.dtype in (torch.bfloat16, torch.float16) else cos
         bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
-        partial = sphereface2_partial_loss(
-            cos, target_col, bias, **self._loss_hparams(), batch_size=x_all.shape[0]
-        )
+        partial = binary_block_loss(cos, target_col, bias, self.loss, x_all.shape[0])
         return comm.reduce_from_shards(partial, self.process_group, name="loss")  # 1-elem all-reduce

@@ -1,9 +1,11 @@
-"""Triton kernel for the elementwise part of the fused SphereFace2 chunk (one pass instead of ~8 ops).
+"""Triton kernel for the elementwise part of the binary family's fused chunk (one pass instead of ~8 ops).
 
-After GEMM 1 the chunk's cosines ``u`` [N, c] go through, per element (the eager path in
-:mod:`fr_dist.heads.sf2_fused` does it with ~8 torch ops and three [N, c] buffers)::
+After GEMM 1 the chunk's cosines ``u`` [N, c] go through, per element (its eager twin,
+:meth:`fr_dist.heads.binary.BinaryStages.negatives_`, does it with ~8 torch ops and three [N, c] buffers);
+the scalars and the constexpr flags are the loss's :class:`~fr_dist.heads.binary.BinaryCoefficients`
+(``clip`` is its margin's: SphereFace2's A / M clip, C does not)::
 
-    v  = clip(u + 1)                          (A / M margins: OpenSphere's arccos / cos round trip)
+    v  = clip(u + 1)                          (a clipping margin: OpenSphere's arccos / cos round trip)
     p  = v^(t-1)
     z  = z0 + k_z * v * p                      the negative logit, closed form
     softplus(z), sigmoid(z)                    one exp shared by both
@@ -23,6 +25,8 @@ import os
 
 import torch
 
+from fr_dist.heads.binary import BinaryCoefficients
+
 # Triton at module level: a compiled kernel resolves names such as ``tl`` from its module's globals (Triton
 # before mid-2025 could not see closure variables: pytorch#132534, "NameError: tl is not defined"), and the
 # interpreter runs the kernel as plain Python, so only a module-level import is right for both.
@@ -32,7 +36,7 @@ try:
 except ImportError:  # optional extra: the caller keeps the eager path
     triton = tl = None
 
-__all__ = ["available", "negative_terms_"]
+__all__ = ["available", "binary_negatives", "negative_terms_"]
 
 BLOCK_N, BLOCK_C = 32, 64
 
@@ -45,16 +49,17 @@ def available(device: torch.device) -> bool:
 
 
 @functools.cache
-def _kernel():
-    """The jitted kernel, built on first use: ``triton.jit`` reads TRITON_INTERPRET when it decorates."""
+def _kernel(interpret: bool):
+    """The jitted kernel, built on first use per mode: ``triton.jit`` reads TRITON_INTERPRET when it
+    decorates, so a kernel built for one mode (compiled / interpreted) is never called in the other."""
     if triton is None:
         raise ImportError(
-            "the SphereFace2 Triton kernel needs the triton package (pip install fr_dist[triton])"
+            "the binary loss Triton kernel needs the triton package (pip install fr_dist[triton])"
         )
-    return triton.jit(sf2_negatives)
+    return triton.jit(binary_negatives)
 
 
-def sf2_negatives(
+def binary_negatives(
     u_ptr,
     tcol_ptr,
     cw_ptr,
@@ -129,27 +134,21 @@ def negative_terms_(
     u: torch.Tensor,
     target_col: torch.Tensor,
     col_weight: torch.Tensor | None,
+    co: BinaryCoefficients,
     *,
-    k_z: float,
-    z0: float,
-    t: float,
-    clip: bool,
-    lo_u: float,
-    hi_u: float,
-    exact: bool,
     grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In place on the chunk's cosines ``u`` [N, c] (fp32, rows contiguous): with ``grads`` it becomes
-    sigmoid(z) (times v^(t-1) and the inside-the-clip mask when ``exact``, times ``col_weight`` [c]),
+    sigmoid(z) (times v^(t-1) and the inside-the-clip mask when ``co.exact``, times ``col_weight`` [c]),
     zero on the target entries ``target_col`` [N] (column in this chunk, -1 = none). Returns the
     column sums [c] of softplus(z) and of sigmoid(z) over the non-target entries."""
     if u.dtype != torch.float32 or u.dim() != 2 or u.stride(1) != 1:
         raise ValueError(f"u must be a row-contiguous fp32 [N, c] block, got {u.dtype} {tuple(u.stride())}")
-    kern = _kernel()
+    kern = _kernel(os.environ.get("TRITON_INTERPRET") == "1")
     N, C = u.shape
     colsp = torch.empty(C, dtype=torch.float32, device=u.device)  # [c]
     colq = torch.empty(C, dtype=torch.float32, device=u.device)  # [c]
-    tm1 = float(t) - 1.0
+    tm1 = float(co.t) - 1.0
     pw = int(tm1) if tm1.is_integer() and 0 <= tm1 <= 3 else -1
     cw = col_weight.to(torch.float32) if col_weight is not None else colsp  # a dummy pointer when absent
     kern[(triton.cdiv(C, BLOCK_C),)](
@@ -161,13 +160,13 @@ def negative_terms_(
         N,
         C,
         u.stride(0),
-        float(k_z),
-        float(z0),
+        float(co.k_z),
+        float(co.z0),
         tm1,
-        float(lo_u),
-        float(hi_u),
-        CLIP=bool(clip),
-        EXACT=bool(exact),
+        float(co.lo_u),
+        float(co.hi_u),
+        CLIP=bool(co.clip),
+        EXACT=bool(co.exact),
         HAS_CW=col_weight is not None,
         GRADS=bool(grads),
         POW=pw,

@@ -1,15 +1,31 @@
-"""What both sharded heads share: the class shard, world-size independent init, the batch gather."""
+"""The sharded classifier every head is: this rank's class rows, their world-size independent init, the
+batch gather (and, through it, the embedding gradient's reduce-scatter), the re-sharding checkpoint state,
+and what a head tells the trainer (:class:`OptimizerContract`, :meth:`ShardedClassifier.log_scalars`).
+
+A head is this class plus a loss (heads/losses/): the binary family runs heads/binary.py's fused pass
+(:class:`~fr_dist.heads.binary_head.BinaryHead`), the softmax family heads/softmax.py's Partial-FC path
+(:class:`~fr_dist.heads.softmax.SoftmaxHead`).
+"""
 
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from fr_dist import comm
-from fr_dist.checkpoint_io import CheckpointError
+from fr_dist.errors import CheckpointError
 from fr_dist.sharding import class_range, copy_rows
 
-__all__ = ["ShardedClassifier", "autocast_gemm_dtype", "init_weight_rows"]
+__all__ = [
+    "OptimizerContract",
+    "ShardedClassifier",
+    "autocast_gemm_dtype",
+    "init_weight_rows",
+    "split_loss_kwargs",
+]
 
 # Rows are generated in fixed blocks, each from its own seed, so a rank can draw exactly its
 # slice without materialising [K, D] (K may be 10^8), and every world size sees the same rows.
@@ -39,12 +55,40 @@ def autocast_gemm_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
+def split_loss_kwargs(loss_cls: type, kwargs: dict) -> tuple[dict, dict]:
+    """``kwargs`` -> (the hyper-parameters ``loss_cls`` takes, the rest: the family head's options)."""
+    names = set(inspect.signature(loss_cls).parameters)
+    return {k: v for k, v in kwargs.items() if k in names}, {
+        k: v for k, v in kwargs.items() if k not in names
+    }
+
+
+@dataclass(frozen=True)
+class OptimizerContract:
+    """What a head asks of the trainer besides a ``torch.optim`` optimizer over its trainable parameters
+    (always built, by ``build_head_optimizer``: all rows of an ordinary head, only SphereFace2's bias when the
+    head updates its rows itself).
+
+    ``row_optimizer``: the head updates rows inside its own pass; the trainer configures that update once
+    (:meth:`ShardedClassifier.configure_row_optimizer`, from ``train.optimizer`` and the head's LR / WD) and
+    sets its LR before every step (:meth:`ShardedClassifier.set_row_lr`). Such an update takes the loss as
+    back-propagated once per optimizer step, unscaled: ``train.grad_accum=1``, no fp16 GradScaler.
+    ``option``: the config key that asked for it (named in errors).
+    """
+
+    row_optimizer: bool = False
+    option: str = ""
+
+
 class ShardedClassifier(nn.Module):
     """Holds this rank's contiguous class shard ``[class_start, class_start + num_local)``.
 
     ``process_group=None`` means the default group if one is initialised when the head is
     built, else a single process. Subclasses implement ``forward(embeddings, labels)``.
     """
+
+    loss_name = ""
+    """The registry name of the head's loss (set by :func:`fr_dist.heads.registry.register_loss`)."""
 
     def __init__(
         self,
@@ -79,6 +123,36 @@ class ShardedClassifier(nn.Module):
         self.weight = nn.Parameter(
             init_weight_rows(self.class_start, self.num_local, embedding_size, seed, init_std, param_dtype)
         )  # [n_r, D]
+        self._state_buffers: set[str] = set()
+
+    # ------------------------------------------------------------------ what the trainer asks
+    def optimizer_contract(self) -> OptimizerContract:
+        """What the trainer must build for this head (see :class:`OptimizerContract`)."""
+        return OptimizerContract()
+
+    def configure_row_optimizer(self, kind: str, **hparams) -> None:
+        """Build the in-pass row optimizer of ``kind`` (``train.optimizer``: sgd | adamw) with ``hparams``
+        (lr, momentum, nesterov, weight_decay, betas, eps; each kind takes its own)."""
+        raise ValueError(
+            f"{type(self).__name__} has no row optimizer: its optimizer_contract() asks for none"
+        )
+
+    def set_row_lr(self, lr: float) -> None:
+        """The in-pass row optimizer's LR for the next step (the head schedule's); no-op without one."""
+
+    def log_scalars(self) -> dict[str, float]:
+        """Scalars of the head worth logging every log step (e.g. SphereFace2's bias)."""
+        return {}
+
+    def register_state_buffer(self, name: str, tensor: torch.Tensor) -> None:
+        """A replicated buffer (identical on every rank, e.g. a loss's EMA statistic updated from all-reduced
+        sums): saved with the shard, restored from saved rank 0 on any world size, never split into rows."""
+        self.register_buffer(name, tensor)
+        self._state_buffers.add(name)
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """The replicated state buffers by name (see :meth:`register_state_buffer`)."""
+        return {n: b for n, b in self.named_buffers() if n in self._state_buffers}
 
     def extra_repr(self) -> str:
         return (
@@ -101,7 +175,8 @@ class ShardedClassifier(nn.Module):
     def shard_state(self, optimizer=None) -> dict:
         """This shard as a world-size independent record: its class range, parameters (weight rows,
         replicated ones such as SphereFace2's bias), per-row buffers [num_local, ...] (fused-update
-        momentum, fp32 master rows), ``optimizer``'s state for these parameters, sampling generator."""
+        momentum, fp32 master rows), replicated state buffers (a loss's statistics), ``optimizer``'s
+        state for these parameters, sampling generator."""
         names = {id(p): n for n, p in self.named_parameters()}
         opt_state = {}
         for group in optimizer.param_groups if optimizer is not None else ():
@@ -118,7 +193,10 @@ class ShardedClassifier(nn.Module):
             embedding_size=self.embedding_size,
             world_size=self.world_size,
             params={n: p.detach().cpu() for n, p in self.named_parameters()},
-            row_buffers={n: b.detach().cpu() for n, b in self.named_buffers()},
+            row_buffers={
+                n: b.detach().cpu() for n, b in self.named_buffers() if n not in self._state_buffers
+            },
+            state_buffers={n: b.detach().cpu() for n, b in self.state_buffers().items()},
             optimizer_state=opt_state,
             generator=self.generator.get_state() if hasattr(self, "generator") else None,
         )
@@ -127,10 +205,13 @@ class ShardedClassifier(nn.Module):
     def load_resharded(self, shards, optimizer=None, source: str = "checkpoint") -> set:
         """Fill this rank's rows from :meth:`shard_state` records of any world size, in saved-rank order
         (an iterable: each is read once). Row-wise tensors go through :func:`sharding.copy_rows`;
-        replicated parameters and their optimizer state come from saved rank 0; the sampling
-        generator continues only on an unchanged world size. Returns the names of the loaded buffers.
+        replicated parameters, state buffers and the replicated parameters' optimizer state come from
+        saved rank 0; the sampling generator continues only on an unchanged world size. Returns the names
+        of the loaded buffers.
         """
-        params, buffers, loaded_buffers = dict(self.named_parameters()), dict(self.named_buffers()), set()
+        params, loaded_buffers = dict(self.named_parameters()), set()
+        buffers = {n: b for n, b in self.named_buffers() if n not in self._state_buffers}  # row-wise
+        state = self.state_buffers()  # replicated
         loaded_state: dict = {}
         covered = 0
         for i, shard in enumerate(shards):
@@ -141,10 +222,14 @@ class ShardedClassifier(nn.Module):
                         f"to load (fr_dist never re-initialises silently): fix `{field}` or start a new run"
                     )
             start, n = shard["class_start"], shard["num_local"]
-            if i == 0:  # replicated parameters (bias) and their optimizer state
+            if i == 0:  # replicated parameters (bias), state buffers and the parameters' optimizer state
                 for name, v in shard["params"].items():
                     if name != "weight":
                         params[name].copy_(v)
+                for name, v in shard.get("state_buffers", {}).items():
+                    if name in state:
+                        state[name].copy_(v)
+                        loaded_buffers.add(name)
                 for name, st in shard["optimizer_state"].items():
                     if name != "weight":
                         loaded_state[name] = {
@@ -182,7 +267,7 @@ class ShardedClassifier(nn.Module):
                         k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
                         for k, v in st.items()
                     }
-        return loaded_buffers if self.num_local else set(buffers)
+        return loaded_buffers if self.num_local else set(buffers) | loaded_buffers
 
     def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the local batch and all-gather it: [B, D], [B] -> [W*B, D], [W*B] (int64)."""

@@ -37,8 +37,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check fr_dist tests benchmarks && $(VENV)/bin/ruff format --check fr_dist tests benchmarks
 
 bench-smoke: $(VENV)/.installed
-	$(PY) benchmarks/classifier.py --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
-	OMP_NUM_THREADS=1 $(PY) benchmarks/train_throughput.py --smoke && bash -n benchmarks/gpu_check.sh
+	$(PY) -m benchmarks.classifier --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.train_throughput --smoke && bash -n benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

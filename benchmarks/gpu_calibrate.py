@@ -121,15 +121,25 @@ def _launch_overhead_s(device, calls: int, reps: int) -> tuple[float, float]:
     return per_op, roundtrip
 
 
+def _planner():
+    """fr_dist.plan, or None where fr_dist's own dependencies (pydantic, yaml) are not installed: the
+    measurements need torch alone; the planner's profile is derived from them later (``annotate``)."""
+    try:
+        from fr_dist import plan as P
+    except ImportError as e:
+        print(f"gpu_calibrate: fr_dist.plan not importable ({e}): raw measurements only", flush=True)
+        return None
+    return P
+
+
 def measure(device: torch.device, out: Path, quick: bool = False) -> dict:
     """Every figure of the module docstring, JSON rewritten after each one."""
-    from fr_dist import plan as P
-
+    P = _planner()
     cuda = device.type == "cuda"
     name = (
         torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
     )
-    base = base_profile(name) if cuda else "cpu"
+    base = base_profile(name) if cuda and P is not None else "cpu"
     rec = dict(
         benchmark="gpu_calibrate",
         device=name,
@@ -178,12 +188,13 @@ def measure(device: torch.device, out: Path, quick: bool = False) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         save("memory_after", cuda_memory(device))
-    else:
+    elif P is not None:
         save("host_rates", P.measure_rates(numel=1 << 20, reps=2))
-    rec["profile_overrides"] = profile_overrides(rec)
+    if P is not None:
+        rec["profile_overrides"] = profile_overrides(rec)
     rec["status"] = "ok"
     save()
-    if cuda:
+    if cuda and P is not None:
         yaml_path = out.with_name("hardware_calibrated.yaml")
         yaml_path.write_text(_profile_yaml(rec))
         print(f"wrote {yaml_path} (fr-dist plan --hardware {yaml_path})")
@@ -246,10 +257,13 @@ def hardware_profiles(out: Path) -> dict:
     from fr_dist import plan as P
 
     cal = _load(out / "calibrate.json") or {}
-    base = cal.get("base_profile")
-    if base is None:
-        env = _load(out / "env.json") or {}
-        base = base_profile(env["gpu"]) if env.get("cuda_available") and env.get("gpu") else "cpu"
+    env = _load(out / "env.json") or {}
+    gpu = env.get("gpu") if env.get("cuda_available") else None
+    base = base_profile(gpu) if gpu else cal.get("base_profile", "cpu")
+    if gpu and cal.get("measured") and not cal.get("profile_overrides"):
+        # measured where the planner did not import (torch alone on the device): derive the profile now
+        cal = dict(cal, base_profile=base)
+        cal["profile_overrides"] = profile_overrides(cal)
     fields = {f.name for f in dataclasses.fields(P.Hardware)}
     over = {k: v for k, v in (cal.get("profile_overrides") or {}).items() if k in fields}
     profiles = {base: lambda W: P.load_hardware(base, W)}

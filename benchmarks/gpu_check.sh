@@ -13,7 +13,7 @@
 # step is recorded and the next one runs. The benchmarks rewrite their JSON after every measured point
 # (temp file + rename), so a cut step keeps what it measured.
 #
-# Offline: fr_dist is not installed (the repo goes on PYTHONPATH). The env step checks every import and
+# Offline: fr_dist is not installed (the repo goes on PYTHONPATH; the benchmarks run as `python -m benchmarks.X`). The env step checks every import and
 # tool the steps need (cv2, yaml, simplejpeg / PIL, triton + a C compiler + Python.h for its launcher,
 # nvidia.dali, NCCL, deepspeed for the record); a step whose needs are missing is recorded as
 # `skipped: <reason>` in status.tsv / summary.json instead of failing. --install pip-installs only the
@@ -24,24 +24,24 @@
 # Steps, in this order:
 #   install    (--install only) pip install the missing dependencies, torch pinned
 #   env        nvidia-smi, torch CUDA build, NCCL, the modules above, a Triton kernel compiled and run
-#   calibrate  benchmarks/gpu_calibrate.py: fp32 / bf16 / fp16 GEMM rates, HBM bandwidth (1 GiB copy),
+#   calibrate  benchmarks.gpu_calibrate: fp32 / bf16 / fp16 GEMM rates, HBM bandwidth (1 GiB copy),
 #              kernel launch overhead, CUDA context memory -> calibrate.json + hardware_calibrated.yaml
 #   data_synth the demo's synthetic RecordIO set (fr_dist.data.synthetic, 600 identities x 16 images +
 #              120 held-out identities / 600 pairs, ~50 MB; the demo's data/ is not copied) into
 #              --data-dir (default ${TMPDIR:-/tmp}/fr_dist_gpu_check_data: outside OUT, which stays small)
-#   heads_fp32 benchmarks/classifier.py, both heads, K = 1e5 / 1e6 / 2e6 on the one GPU
+#   heads_fp32 benchmarks.classifier, both heads, K = 1e5 / 1e6 / 2e6 on the one GPU
 #   train_fp16 the demo recipe (configs/demo_cpu.yaml) on cuda, fp16 autocast + GradScaler, 300 steps
 #   train_bf16 the same in bf16
 #   dali       loader throughput alone: DALI nvJPEG `mixed` decode vs the torch loader (CUDA
-#              pinned memory + side-stream prefetch) -- benchmarks/train_throughput.py --mode data
+#              pinned memory + side-stream prefetch) -- benchmarks.train_throughput --mode data
 #   e2e        iresnet50 + each head at K = 10^6 (synthetic / torch / DALI input), images/s and the
 #              data / backbone / head / comm split, under torchrun so fr_dist.runtime selects NCCL
 #   capacity   largest K one GPU holds per head (doubling + bisection, measured peak memory);
 #              capacity_sf2_best: SphereFace2 with bf16 proxies and the fused update
-#   heads_*    classifier.py variants at K = 1e6 (when its source has the flag): SphereFace2 bf16
+#   heads_*    benchmarks.classifier variants at K = 1e6 (when its source has the flag): SphereFace2 bf16
 #              proxies + fused update, the fused update with its Triton kernel and with kernel=eager,
 #              chunked Partial FC, --compile
-#   annotate   benchmarks/gpu_calibrate.py annotate: fr_dist.plan's step time and memory (datasheet
+#   annotate   benchmarks.gpu_calibrate annotate: fr_dist.plan's step time and memory (datasheet
 #              and calibrated profiles) beside every measurement -> plan_vs_measured_gpu.json / .md
 #   summary    a table on stdout + summary.json
 #
@@ -385,7 +385,7 @@ if [ "$DRY" = 0 ] && [ "${HAVE_triton:-0}" = 1 ] && [ "${HAVE_triton_kernel:-0}"
 fi
 
 # ------------------------------------------------------------------ planner calibration
-step calibrate "cuda benchmarks.gpu_calibrate fr_dist.plan" "$PY" benchmarks/gpu_calibrate.py measure --out "$OUT/calibrate.json"
+step calibrate "cuda benchmarks.gpu_calibrate" "$PY" -m benchmarks.gpu_calibrate measure --out "$OUT/calibrate.json"
 
 # ------------------------------------------------------------------ synthetic RecordIO set, made here
 mkdir -p "$DATA_DIR"
@@ -397,7 +397,7 @@ fi
 step data_synth "cv2 fr_dist.data.synthetic" "$PY" -m fr_dist.data.cli synth "$SYN" "${SYNTH[@]}" --quiet
 [ "$LAST" = ok ] && [ -f "$SYN/train.rec" ] && echo ok > "$SYN/.complete"
 
-# ------------------------------------------------------------------ head benchmark (classifier.py)
+# ------------------------------------------------------------------ head benchmark (benchmarks.classifier)
 HEAD_ARGS=(--heads sphereface2 partial_fc)
 if [ "$DRY" = 1 ]; then
     HEAD_ARGS+=(--world-sizes 1 --batch 16 --dim 64 --steps 2 --warmup 1)
@@ -414,9 +414,9 @@ heads_run() {  # heads_run NAME "REQ..." CLASSIFIER_ARGS...
     local name="$1" reqs="$2 benchmarks.classifier"
     shift 2
     if [ "$DRY" = 1 ]; then
-        step "$name" "$reqs" "$PY" benchmarks/classifier.py "${HEAD_ARGS[@]}" "$@" --out "$OUT/classifier_${name#heads_}.json"
+        step "$name" "$reqs" "$PY" -m benchmarks.classifier "${HEAD_ARGS[@]}" "$@" --out "$OUT/classifier_${name#heads_}.json"
     else
-        step "$name" "$reqs" "${TORCHRUN[@]}" benchmarks/classifier.py "${HEAD_ARGS[@]}" "$@" \
+        step "$name" "$reqs" "${TORCHRUN[@]}" -m benchmarks.classifier "${HEAD_ARGS[@]}" "$@" \
             --out "$OUT/classifier_${name#heads_}.json"
     fi
 }
@@ -443,7 +443,7 @@ else
 fi
 
 # ------------------------------------------------------------------ loader alone: DALI mixed vs torch (CUDA streams)
-TT=(benchmarks/train_throughput.py)
+TT=(-m benchmarks.train_throughput)
 if [ "$DRY" = 1 ]; then
     step dali "nvidia.dali decoder data benchmarks.train_throughput" "$PY" "${TT[@]}" --mode data --smoke --device cpu --sources torch dali \
         --steps 4 --rec "$SYN/train.rec" --out "$OUT/data_loader_gpu.json"
@@ -508,7 +508,7 @@ fi
 [ -n "${CAP[heads_compile]:-}" ] && heads_run heads_compile "cuda" "${VARIANT_K[@]}" --compile "${SF2_OPT[@]}"
 
 # ------------------------------------------------------------------ the planner beside every measurement
-step annotate "benchmarks.gpu_calibrate fr_dist.plan" "$PY" benchmarks/gpu_calibrate.py annotate "$OUT"
+step annotate "fr_dist.plan benchmarks.gpu_calibrate" "$PY" -m benchmarks.gpu_calibrate annotate "$OUT"
 
 # ------------------------------------------------------------------ summary
 cat > "$OUT/summary.py" <<'EOF'

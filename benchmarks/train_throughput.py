@@ -97,6 +97,8 @@ PHASES = ("data", "backbone", "head", "comm", "sync")
 # the timed step's sub-phases in order (StepTimer's marks), each charged to a phase; the collectives
 # inside a sub-phase (the head's, the backbone's gradient all-reduce in its backward) go to "comm"
 SUBPHASES = ("data", "backbone", "head", "backbone", "backbone", "head")
+SUBPHASE_NAMES = ("data", "backbone_forward", "head_forward_backward", "backbone_backward", "backbone_update",
+                  "head_update")  # fmt: skip
 DATA, BACKBONE_FWD, HEAD, BACKBONE_BWD, BACKBONE_STEP, HEAD_STEP = range(len(SUBPHASES))
 SOURCES = ("synthetic", "torch", "dali")
 DEMO_KWARGS = {"layers": [1, 1, 1, 1], "width": 16, "stem_stride": 2}  # configs/demo_cpu.yaml
@@ -341,9 +343,9 @@ def _measure(trainer, overrides, world, head_name, source, a, device, timer) -> 
     batches = trainer._batches()  # the trainer's own stream of its loader (sampler epochs, resumable)
     losses, images = [], 0
 
-    def step(it) -> None:
+    def step(it, run=trainer.train_step) -> None:
         nonlocal images
-        out = trainer.train_step(it)
+        out = run(it)
         losses.append(out["loss"])
         images += out["images"]
 
@@ -368,14 +370,16 @@ def _measure(trainer, overrides, world, head_name, source, a, device, timer) -> 
         timed = st.batches(batches)
         for _ in range(a.steps):
             st.row = torch.zeros(len(SUBPHASES), 3, dtype=torch.float64)
-            step(timed)
+            step(timed, st.step)
             rows.append(st.row)
     finally:
         st.uninstall()
     stats = comm.comm_stats()
     counted = sum(stats[k]["calls"] for k in comm.KINDS)
     mine = torch.stack(rows)  # [steps, sub-phases, 3] on this rank
-    phases, imbalance = phase_breakdown(_gather_ranks(mine, world, device))
+    gathered = _gather_ranks(mine, world, device)  # [W, steps, sub-phases, 3]
+    phases, imbalance = phase_breakdown(gathered)
+    sub_wall = gathered[..., 1].amax(0).mean(0)  # [sub-phases]: the slowest rank's wall, mean over steps
     timed_total = sum(phases.values())
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     per_step = free_images / a.steps  # global images per step
@@ -401,6 +405,7 @@ def _measure(trainer, overrides, world, head_name, source, a, device, timer) -> 
             phase_s=phases,
             share={p: v / timed_total for p, v in phases.items()},
             imbalance_s=imbalance,
+            subphase_wall_s={n: float(w) for n, w in zip(SUBPHASE_NAMES, sub_wall)},
         ),
         comm_calls_timed=int(st.calls),
         comm_calls_counted=int(counted),

@@ -17,6 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+from fr_dist.data import make_synthetic_dataset
+from fr_dist.data.cli import add_data_commands
+from fr_dist.doctor import add_arguments as add_doctor_arguments
+from fr_dist.doctor import run_doctor
+from fr_dist.errors import ConfigError
+from fr_dist.eval.cli import run_eval_cli
+from fr_dist.export import export
+from fr_dist.plan.cli import add_plan_arguments, run_plan_cli
+from fr_dist.train.config_load import format_help, load_config, path_problems
+from fr_dist.train.run import run_training
+
 __all__ = ["main"]
 
 
@@ -36,8 +47,6 @@ def prepare_data(cfg) -> None:
     done = Path(syn.out_dir) / ".complete"
     _, local_rank = _rank_from_env()
     if local_rank == 0 and not done.exists():
-        from fr_dist.data import make_synthetic_dataset
-
         t0 = time.time()
         make_synthetic_dataset(
             syn.out_dir,
@@ -61,23 +70,18 @@ def prepare_data(cfg) -> None:
 
 
 def cmd_train(args) -> int:
-    from fr_dist.train.config_load import load_config
-
     cfg = load_config(args.config, args.overrides)  # validated before any process group exists
     prepare_data(cfg)
-    from fr_dist.train.run import run_training
 
     return run_training(cfg)
 
 
 def cmd_config(args) -> int:
-    from fr_dist.train import config_load as C
-
     if args.help_keys:
-        print(C.format_help())
+        print(format_help())
         return 0
-    cfg = C.load_config(args.config, args.overrides, check_paths=False)
-    for problem in C.path_problems(cfg):  # the data may not be there yet: say so, print anyway
+    cfg = load_config(args.config, args.overrides, check_paths=False)
+    for problem in path_problems(cfg):  # the data may not be there yet: say so, print anyway
         print(f"fr-dist: warning: {problem}", file=sys.stderr)
     import yaml
 
@@ -86,21 +90,15 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fr_dist.export import export
-
     export(args.run, torch_out=args.torch, onnx_out=args.onnx, step=args.step)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from fr_dist.eval.cli import run_eval_cli
-
     return run_eval_cli(args)
 
 
 def cmd_doctor(args) -> int:
-    from fr_dist.doctor import run_doctor
-
     return run_doctor(args)
 
 
@@ -137,23 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--nfolds", type=int, default=10)
     v.set_defaults(func=cmd_eval)
 
-    from fr_dist.doctor import add_arguments as add_doctor_arguments
-
     dr = sub.add_parser(
         "doctor", help="pre-flight: rendezvous address, interfaces, all-reduce/all-gather speed"
     )
     add_doctor_arguments(dr)
     dr.set_defaults(func=cmd_doctor)
 
-    try:
-        from fr_dist.data.cli import add_data_commands
-    except ImportError:  # pragma: no cover - the data package is part of fr_dist
-        add_data_commands = None
-    if add_data_commands is not None:
-        d = sub.add_parser("data", help="RecordIO tools: pack, info, synth")
-        add_data_commands(d.add_subparsers(dest="data_command", required=True))
-
-    from fr_dist.plan.cli import add_plan_arguments, run_plan_cli
+    d = sub.add_parser("data", help="RecordIO tools: pack, info, synth")
+    add_data_commands(d.add_subparsers(dest="data_command", required=True))
 
     pl = sub.add_parser("plan", help="cluster cost model: memory per GPU, largest K, step time")
     add_plan_arguments(pl)
@@ -166,8 +155,6 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # config and data errors: one clear line, no traceback wall
-        from fr_dist.errors import ConfigError
-
         if isinstance(e, ConfigError):
             print(f"fr-dist: config error: {e}", file=sys.stderr)
             return 2

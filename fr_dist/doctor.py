@@ -35,6 +35,9 @@ import sys
 import time
 from typing import Optional
 
+from fr_dist import comm
+from fr_dist.runtime import detect_env, first_slurm_host, init_distributed, shutdown
+
 __all__ = [
     "split_endpoint",
     "resolve",
@@ -146,8 +149,6 @@ def rendezvous_endpoint(environ=None) -> tuple[str, int, str]:
         return env["MASTER_ADDR"], int(env.get("MASTER_PORT", 29500)), "MASTER_ADDR"
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if nodelist:
-        from fr_dist.runtime import first_slurm_host
-
         return first_slurm_host(nodelist), int(env.get("MASTER_PORT", 29500)), "SLURM_JOB_NODELIST"
     return "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "default (single node)"
 
@@ -275,8 +276,6 @@ def bench_collectives(
     import torch
     import torch.distributed as dist
 
-    from fr_dist import comm
-
     _, world = comm.world_info(group)
     device = comm.device_of(group) if device is None else device
     rows = []
@@ -364,8 +363,6 @@ def format_report(rep: dict, rows: list[dict], env_info: dict) -> str:
 
 def run_doctor(args) -> int:
     """``fr-dist doctor``: report, measure, exit through runtime.shutdown (never returns when launched)."""
-    from fr_dist.runtime import detect_env
-
     denv = detect_env()
     host, port, source = rendezvous_endpoint()
     nnodes = int(os.environ.get("NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
@@ -379,8 +376,6 @@ def run_doctor(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(dict(network=rep, collectives=[], world_size=1), f, indent=1)
         return 1 if rep["problems"] and nnodes > 1 else 0
-
-    from fr_dist.runtime import init_distributed, shutdown
 
     code = 0
     try:

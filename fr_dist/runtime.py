@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fr_dist.errors import RendezvousError
+from fr_dist import comm
+from fr_dist.errors import ConfigError, RendezvousError
 
 __all__ = [
     "DistEnv",
@@ -117,8 +118,6 @@ def select_device(local_rank: int, device: str = "auto") -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            from fr_dist.errors import ConfigError
-
             build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
             raise ConfigError(
                 f"device=cuda but this machine has {build} (torch {torch.__version__}); "
@@ -204,8 +203,6 @@ def init_distributed(
     default ``timeout_s``). Returns the environment and the device of this rank. With world size 1
     and no launcher no process group is created (every fr_dist collective then short-circuits).
     """
-    from fr_dist import comm
-
     rdzv = float(rendezvous_timeout_s or timeout_s)
     env = detect_env(environ)
     dev = select_device(env.local_rank, device)
@@ -264,8 +261,6 @@ def shutdown(code: int = 0) -> None:
     try:
         if dist.is_available() and dist.is_initialized():
             if code == 0:
-                from fr_dist import comm
-
                 try:
                     comm.barrier(name="shutdown")
                 except RuntimeError as e:  # a peer died after this rank finished: say so, exit non-zero

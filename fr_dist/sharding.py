@@ -10,11 +10,11 @@ shard) is :func:`copy_rows`: rows of one range copied into the overlapping rows 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-__all__ = ["class_range", "overlap", "copy_rows", "assemble"]
+__all__ = ["class_range", "overlap", "copy_rows"]
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -46,12 +46,3 @@ def copy_rows(dst: torch.Tensor, dst_start: int, src: torch.Tensor, src_start: i
     lo, hi = ov
     dst[lo - dst_start : hi - dst_start] = src[lo - src_start : hi - src_start].to(dst.dtype)  # [hi-lo, ...]
     return hi - lo
-
-
-def assemble(shards: Sequence[torch.Tensor], starts: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Concatenate row shards saved with their class starts into the full [K, ...] tensor."""
-    order = sorted(range(len(shards)), key=lambda i: starts[i])
-    full = torch.cat([shards[i] for i in order], dim=0)
-    if full.shape[0] != num_classes:
-        raise ValueError(f"shards cover {full.shape[0]} rows, expected {num_classes}")
-    return full

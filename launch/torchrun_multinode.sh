@@ -28,7 +28,8 @@
 #   LOCAL_ADDR      this node's address for --local-addr (default: the address that routes to the
 #                   rendezvous host); the workers' MASTER_ADDR is node 0's LOCAL_ADDR
 #   FR_DIST_COMMAND fr-dist subcommand run on every rank (default train; `doctor` = pre-flight)
-#   FR_DIST_SCRIPT  run this Python script on every rank instead (e.g. benchmarks/classifier.py)
+#   FR_DIST_SCRIPT  run this Python script on every rank instead
+#   FR_DIST_MODULE  or this module (python -m), e.g. benchmarks.classifier
 #
 # Multi-node (NNODES > 1) pre-flight, before torchrun starts (fr_dist.doctor launch-env):
 #   * the rendezvous host is resolved ON THIS NODE; a loopback answer (Debian's "127.0.1.1 host"
@@ -156,9 +157,9 @@ fi
 
 echo "torchrun_multinode: node ${NODE_RANK:-?} of $NNODES on $(hostname) (${LOCAL_ADDR:-local}), $NPROC_PER_NODE rank(s)/node," \
   "rendezvous $RDZV_ENDPOINT (id $RDZV_ID, timeout ${RDZV_TIMEOUT}s)," \
-  "gloo if ${GLOO_SOCKET_IFNAME:-auto}, NCCL if ${NCCL_SOCKET_IFNAME:-auto}: ${FR_DIST_SCRIPT:-fr-dist ${FR_DIST_COMMAND:-train}} ${ARGS[*]}" >&2
+  "gloo if ${GLOO_SOCKET_IFNAME:-auto}, NCCL if ${NCCL_SOCKET_IFNAME:-auto}: ${FR_DIST_MODULE:-${FR_DIST_SCRIPT:-fr-dist ${FR_DIST_COMMAND:-train}}} ${ARGS[*]}" >&2
 # what each rank runs: `fr-dist train` (FR_DIST_COMMAND=doctor for the pre-flight), or a script
-if [[ -n "${FR_DIST_SCRIPT:-}" ]]; then ENTRY=("$FR_DIST_SCRIPT"); else ENTRY=(-m fr_dist.cli "${FR_DIST_COMMAND:-train}"); fi
+if [[ -n "${FR_DIST_MODULE:-}" ]]; then ENTRY=(-m "$FR_DIST_MODULE"); elif [[ -n "${FR_DIST_SCRIPT:-}" ]]; then ENTRY=("$FR_DIST_SCRIPT"); else ENTRY=(-m fr_dist.cli "${FR_DIST_COMMAND:-train}"); fi
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of options
 exec "$PYTHON" -m fr_dist.launch \
   --nnodes="$NNODES" \

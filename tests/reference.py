@@ -9,6 +9,7 @@ Plus thin adapters for tests written against the former function API of the head
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,3 +125,13 @@ def FusedPlan(lam, r, m, t, lw, margin, grad, batch_size, **options) -> BinaryPl
 
 
 sphereface2_fused_partial_loss = binary_partial_loss
+
+
+def assemble(shards: Sequence[torch.Tensor], starts: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Concatenate row shards saved with their class starts into the full [K, ...] tensor (the re-sharding
+    tests' reference; the package re-shards through :func:`fr_dist.sharding.copy_rows`)."""
+    order = sorted(range(len(shards)), key=lambda i: starts[i])
+    full = torch.cat([shards[i] for i in order], dim=0)
+    if full.shape[0] != num_classes:
+        raise ValueError(f"shards cover {full.shape[0]} rows, expected {num_classes}")
+    return full

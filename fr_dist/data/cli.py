@@ -12,6 +12,10 @@ import sys
 
 import numpy as np
 
+from fr_dist.data.pack import pack_folder
+from fr_dist.data.recordio import open_recordio
+from fr_dist.data.synthetic import demo_dataset_spec, make_synthetic_dataset
+
 __all__ = ["add_data_commands", "cmd_pack", "cmd_info", "cmd_synth", "dataset_info"]
 
 
@@ -25,8 +29,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_pack(args) -> int:
-    from fr_dist.data.pack import pack_folder
-
     res = pack_folder(
         args.src,
         args.out,
@@ -62,8 +64,6 @@ def _histogram(counts: np.ndarray) -> list[dict]:
 
 def dataset_info(path, check: bool = False, decode: bool = False) -> dict:
     """Summary of a RecordIO dataset: layout, images, identities, per-identity histogram."""
-    from fr_dist.data.recordio import open_recordio
-
     rec = open_recordio(path, check_labels=False)
     if rec.layout == "insightface" and rec.identity_keys:
         counts = np.array([e - s for s, e in (rec.id_range(i) for i in range(len(rec.identity_keys)))])
@@ -120,8 +120,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from fr_dist.data.synthetic import make_synthetic_dataset
-
     meta = make_synthetic_dataset(
         args.out,
         num_identities=args.num_ids,
@@ -139,8 +137,6 @@ def cmd_synth(args) -> int:
 
 def add_data_commands(subparsers) -> None:
     """Register ``pack``, ``info`` and ``synth`` on ``subparsers`` (from ``add_subparsers()``)."""
-    from fr_dist.data.synthetic import demo_dataset_spec
-
     p = subparsers.add_parser("pack", help="image folder (one sub-folder per identity) -> RecordIO")
     p.add_argument("src", help="folder with one sub-folder of images per identity")
     p.add_argument("out", help="output folder (train.rec, train.idx, property)")

@@ -28,9 +28,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fr_dist.data.dali import DaliTrainLoader
 from fr_dist.data.image import resize_to
 from fr_dist.data.recordio import RecordIOError, open_recordio
 from fr_dist.data.sampler import ShardedSampler, flip_bits
+from fr_dist.signals import SIGNALS, ignore_stop_signals
 
 __all__ = [
     "worker_start_method",
@@ -166,8 +168,6 @@ def worker_start_method() -> str:
 
 
 def _worker_init(_worker_id: int, parent_pid: Optional[int] = None) -> None:
-    from fr_dist.signals import ignore_stop_signals
-
     # Stop signals are for the trainer (it checkpoints, then exits and takes the workers with it).
     # A forked/spawned worker dies with the trainer (PDEATHSIG); a forkserver child's parent is the
     # fork server, which exits with the trainer, and torch's worker watchdog then ends the worker.
@@ -207,8 +207,6 @@ def _forkserver_ignoring_stop_signals() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     from multiprocessing import forkserver
-
-    from fr_dist.signals import SIGNALS
 
     srv = forkserver._forkserver
     if getattr(srv, "_fr_dist_ignores_stop", False) and srv._forkserver_pid is not None:
@@ -312,8 +310,6 @@ def build_train_loader(
     path (exact resume on any world size); see :mod:`fr_dist.data.dali`.
     """
     if backend == "dali":
-        from fr_dist.data.dali import DaliTrainLoader
-
         return DaliTrainLoader(
             rec_path,
             rank,

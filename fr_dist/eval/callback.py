@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fr_dist import comm
+from fr_dist.eval.verification import embed_images, evaluate_pairs, l2_normalize, load_bin
 
 __all__ = ["VerificationCallback"]
 
@@ -24,8 +25,6 @@ class VerificationCallback:
     RUN/best is replaced only by a better model, and the returned best is then its accuracy."""
 
     def __init__(self, eval_cfg, device: torch.device, output_dir, group=None):
-        from fr_dist.eval.verification import load_bin
-
         self.cfg, self.device, self.out = eval_cfg, device, Path(output_dir)
         self.group = comm.resolve_group(group)
         self.rank, self.world = comm.world_info(self.group)
@@ -33,8 +32,6 @@ class VerificationCallback:
 
     @torch.no_grad()
     def __call__(self, backbone, best: float = -1.0) -> tuple[dict, float]:
-        from fr_dist.eval.verification import embed_images, evaluate_pairs, l2_normalize
-
         was_training = backbone.training
         backbone.eval()
         results = {}

@@ -12,7 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from fr_dist.eval.verification import format_table
+from fr_dist.data.pairs import read_bin
+from fr_dist.errors import CheckpointError
+from fr_dist.eval.ijb import evaluate_ijb_folder
+from fr_dist.eval.verification import format_table, verify_bin
+from fr_dist.export import load_backbone_from_checkpoint
+from fr_dist.runtime import init_distributed, shutdown
 
 __all__ = ["run_eval_cli", "format_table"]
 
@@ -20,8 +25,6 @@ __all__ = ["run_eval_cli", "format_table"]
 def check_pair_file(path) -> None:
     """Refuse a pair set that cannot be evaluated: unreadable/unsafe, or with one class only
     (all genuine or all impostor pairs: AUC / EER / thresholds are undefined)."""
-    from fr_dist.data.pairs import read_bin
-
     _, issame = read_bin(path)  # restricted unpickler: raises ValueError naming the file
     same = sum(issame)
     if not issame:
@@ -35,10 +38,6 @@ def check_pair_file(path) -> None:
 
 
 def run_eval_cli(args) -> int:
-    from fr_dist.eval.verification import verify_bin
-    from fr_dist.export import load_backbone_from_checkpoint
-    from fr_dist.runtime import init_distributed, shutdown
-
     if not args.bin and not args.ijb:
         print("fr-dist eval: give --bin FILES and/or --ijb DIR", file=sys.stderr)
         return 2
@@ -62,8 +61,6 @@ def run_eval_cli(args) -> int:
             name = r.pop("name")
             results[name] = dict(r["flip"], noflip=r["noflip"])
         if args.ijb:
-            from fr_dist.eval.ijb import evaluate_ijb_folder
-
             results["ijb"] = evaluate_ijb_folder(model, args.ijb, device=device, batch_size=args.batch_size)
         if env.is_main:
             print(format_table(results))
@@ -79,8 +76,6 @@ def run_eval_cli(args) -> int:
                 )
                 print(f"wrote {args.json}")
     except Exception as e:
-        from fr_dist.errors import CheckpointError
-
         if isinstance(e, CheckpointError):  # refused / damaged checkpoint: the message says it all
             print(f"fr-dist eval: {e}", file=sys.stderr)
         else:

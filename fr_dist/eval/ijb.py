@@ -27,7 +27,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from fr_dist import comm
 from fr_dist.data.ijb_meta import ARCFACE_5PTS, IJBMeta, find_ijb_prefix, read_ijb_meta, write_ijb_meta
+from fr_dist.data.image import decode_image
 from fr_dist.eval.verification import embed_images, l2_normalize, roc_curve
 
 __all__ = [
@@ -223,8 +225,6 @@ def _load_face(path: Path, size: int, landmarks: Optional[np.ndarray]) -> np.nda
     landmarks onto the arcface template (``size`` x ``size``, black border)."""
     import cv2
 
-    from fr_dist.data.image import decode_image
-
     try:
         img = decode_image(path.read_bytes())
     except FileNotFoundError:
@@ -271,8 +271,6 @@ def evaluate_ijb_folder(
     each rank a slice (:func:`~fr_dist.eval.verification.embed_images`).
     Returns :func:`evaluate_ijb`'s dict plus ``prefix``.
     """
-    from fr_dist import comm
-
     folder = Path(folder)
     prefix = prefix or find_ijb_prefix(folder)
     meta = read_ijb_meta(folder, prefix)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from fr_dist import comm
-from fr_dist.data.image import normalize_pixels
+from fr_dist.data.image import decode_image, normalize_pixels
+from fr_dist.data.pairs import read_bin
 
 __all__ = [
     "evaluate_pairs",
@@ -250,9 +251,6 @@ def load_bin(path, image_size=(112, 112)) -> tuple[np.ndarray, np.ndarray]:
 
     Images ``2i`` and ``2i + 1`` form pair ``i``; images of another size are resized (bilinear).
     """
-    from fr_dist.data.image import decode_image
-    from fr_dist.data.pairs import read_bin
-
     bins, issame = read_bin(path)
     h, w = int(image_size[0]), int(image_size[1])
     out = np.empty((len(bins), h, w, 3), dtype=np.uint8)

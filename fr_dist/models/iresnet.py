@@ -107,8 +107,6 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 class IBasicBlock(nn.Module):
     """BN - conv3x3 - BN - PReLU - conv3x3(stride) - BN, plus the (downsampled) identity."""
 
-    expansion = 1
-
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)

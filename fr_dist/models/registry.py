@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from fr_dist.models.timm_backbone import TimmBackbone
+
 __all__ = [
     "register_backbone",
     "create_backbone",
@@ -136,8 +138,6 @@ def create_backbone(
         activation_checkpointing=activation_checkpointing,
     )
     if name.startswith(TIMM_PREFIX):
-        from fr_dist.models.timm_backbone import TimmBackbone
-
         model = TimmBackbone(name[len(TIMM_PREFIX) :], **common, **kwargs)
     else:
         model = _REGISTRY[name](**common, **kwargs)

@@ -10,6 +10,8 @@ the table (or at another embedding size) is measured once, the same way, and cac
 
 from __future__ import annotations
 
+from fr_dist.models import create_backbone
+
 __all__ = ["BACKBONES", "backbone_info"]
 
 BACKBONES: dict[str, dict] = {
@@ -39,8 +41,6 @@ def backbone_info(name: str, dim: int = 512) -> dict:
 def _measure_backbone(name: str, dim: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-
-    from fr_dist.models import create_backbone
 
     with torch.device("meta"):
         meta = create_backbone(name, embedding_size=dim)

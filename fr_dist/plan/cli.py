@@ -31,6 +31,7 @@ from fr_dist.plan.config import (
 from fr_dist.plan.hardware import HARDWARE, SHORT_NAMES, load_hardware
 from fr_dist.plan.measure import measure_cpu_profile
 from fr_dist.plan.report import format_table, side_by_side
+from fr_dist.train.config_load import load_config
 
 __all__ = ["add_plan_arguments", "run_plan_cli", "main"]
 
@@ -129,7 +130,6 @@ def plan_inputs(a) -> tuple[PlanConfig, dict | None]:
         cfg = PlanConfig(**explicit)
         cfg.validate()
         return cfg, None
-    from fr_dist.train.config_load import load_config
 
     training = load_config(a.config, overrides, check_paths=False)
     cfg = plan_config_from_training(training, **explicit)

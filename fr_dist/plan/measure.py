@@ -18,7 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fr_dist import comm
 from fr_dist.plan.hardware import CPU_DEFAULT
+from fr_dist.runtime import init_distributed, shutdown
 
 __all__ = ["measure_rates", "measure_cpu_profile"]
 
@@ -128,8 +130,6 @@ def _rss_bytes() -> int:
 def _collectives_worker(world: int) -> dict:
     import torch
 
-    from fr_dist import comm
-
     out = {"baseline_rss_bytes": _rss_bytes()}  # python + torch + fr_dist + a gloo group
     comm.barrier()
     out["rates"] = measure_rates()  # every rank at once, as the ranks of a run share the memory bus
@@ -195,8 +195,6 @@ def measure_cpu_profile(world: int = 2, timeout_s: float = 300.0) -> dict:
 def _rank_main(out_path: str) -> None:
     """One rank of :func:`measure_cpu_profile`'s job: rank 0 writes its figures to ``out_path``."""
     import torch
-
-    from fr_dist.runtime import init_distributed, shutdown
 
     torch.set_num_threads(1)
     env, _ = init_distributed(device="cpu", timeout_s=300.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fr_dist.heads.binary import auto_chunk_size
 from fr_dist.plan.backbones import backbone_info
 from fr_dist.plan.config import DTYPE_BYTES, PlanConfig
 from fr_dist.plan.hardware import Hardware
@@ -96,7 +97,6 @@ def sf2_chunk(cfg: PlanConfig, hw: Hardware, cols: int) -> int:
     picks on the profile's device (fr_dist.heads.binary.auto_chunk_size)."""
     if cfg.chunk_size:
         return max(1, min(cfg.chunk_size, cols))
-    from fr_dist.heads.binary import auto_chunk_size
 
     return auto_chunk_size(cfg.world * cfg.batch, max(cols, 1), cfg.dim, 4, hw.device)
 

@@ -28,6 +28,7 @@ from fr_dist.checkpoint.states import (
     rng_state,
     set_rng_state,
 )
+from fr_dist.train.config_load import save_config
 
 __all__ = [
     "CheckpointConfig",
@@ -58,8 +59,6 @@ def save_checkpoint(out, step: int, states: dict, rank: int, meta: dict, keep: i
     """:func:`fr_dist.checkpoint.manager.save_checkpoint`, with ``config`` (the resolved run config)
     saved as ``config.yaml``. Files are written by this module's ``atomic_save``, looked up at call
     time (a test or a caller may replace it)."""
-    from fr_dist.train.config_load import save_config
-
     write_config = None if config is None else partial(save_config, config)
     return manager.save_checkpoint(
         out, step, states, rank, meta, keep, write_config=write_config, write_file=atomic_save

@@ -8,16 +8,21 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from fr_dist import comm
+from fr_dist.data import build_train_loader, open_recordio
+from fr_dist.eval.callback import VerificationCallback
+from fr_dist.eval.verification import format_table
+from fr_dist.launch import write_stop_marker
+from fr_dist.runtime import RendezvousError, init_distributed, shutdown
 from fr_dist.train.config import Config, ConfigError, validate_against_dataset
 from fr_dist.train.logging import rank0_print
+from fr_dist.train.trainer import Trainer
 
 __all__ = ["run_training", "build_trainer", "dataset_num_classes"]
 
 
 def dataset_num_classes(rec_path: str) -> tuple[int, int]:
     """(number of classes, number of images) of a RecordIO dataset, from its index/property."""
-    from fr_dist.data import open_recordio
-
     if not Path(rec_path).exists():
         raise ConfigError(
             f"data.rec: {rec_path} does not exist (set data.synthetic.generate=true for the demo data)"
@@ -28,9 +33,6 @@ def dataset_num_classes(rec_path: str) -> tuple[int, int]:
 
 def build_trainer(cfg: Config, env, device, dataset_classes: Optional[int] = None):
     """Loader + Trainer (+ verification callback) of this rank; the runtime is already initialised."""
-    from fr_dist.data import build_train_loader
-    from fr_dist.train.trainer import Trainer
-
     if dataset_classes is None:  # not given by run_training: read and validate the dataset here
         dataset_classes, _ = dataset_num_classes(cfg.data.rec)
         validate_against_dataset(cfg, dataset_classes, dataset_classes - 1)
@@ -56,8 +58,6 @@ def build_trainer(cfg: Config, env, device, dataset_classes: Optional[int] = Non
         )
     trainer = Trainer(cfg, env, device, loader, cfg.data.num_classes or dataset_classes)
     if cfg.eval.bins:
-        from fr_dist.eval.callback import VerificationCallback
-
         trainer.evaluator = VerificationCallback(cfg.eval, device, cfg.output_dir)
     return trainer
 
@@ -77,8 +77,6 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
     validate_against_dataset(cfg, k_data, k_data - 1)  # before any process group starts
     num_classes = cfg.data.num_classes or k_data
 
-    from fr_dist.runtime import init_distributed, shutdown
-
     code, stopped = 0, None
     try:
         env, device = init_distributed(
@@ -93,8 +91,6 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
         results = trainer.fit()
         if env.is_main:
             if results.get("eval"):
-                from fr_dist.eval.verification import format_table
-
                 rank0_print(env.rank, "verification on held-out pairs (10-fold, flip protocol):")
                 rank0_print(env.rank, format_table(results["eval"]))
             out = Path(cfg.output_dir) / "results.json"
@@ -113,9 +109,6 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
         print(f"fr_dist: config error: {e}", file=sys.stderr, flush=True)
         code = 2
     except Exception as e:
-        from fr_dist import comm
-        from fr_dist.runtime import RendezvousError
-
         # a start-up failure (RendezvousError: no collective ran) names the address and its own key
         if not isinstance(e, (comm.CollectiveError, RendezvousError)) and _is_dist_failure(e):
             # a collective outside fr_dist.comm (DDP's gradient all-reduce, DeepSpeed) failed
@@ -127,8 +120,6 @@ def run_training(cfg: Config, exit_process: bool = True) -> int:
         sys.stderr.flush()
         code = 1
     if code == 0 and stopped is not None:  # graceful stop: tell fr_dist.launch (exit 0, not torchrun's 1)
-        from fr_dist.launch import write_stop_marker
-
         write_stop_marker(env, stopped)
     if exit_process:
         shutdown(code)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import assemble
 
 from fr_dist import checkpoint_io
 from fr_dist.heads import PartialFCHead, SphereFace2Head
-from fr_dist.sharding import assemble, class_range
+from fr_dist.sharding import class_range
 from fr_dist.testing import spawn_gloo
 from fr_dist.train import checkpoint as ckpt
 

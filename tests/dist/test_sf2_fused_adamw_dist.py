@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import assemble
 
 from fr_dist.heads import SphereFace2Head
 from fr_dist.heads.row_optim import RowAdamW
-from fr_dist.sharding import assemble
 from fr_dist.testing import spawn_gloo
 from fr_dist.train import checkpoint as ckpt
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import sphereface2_loss
+from reference import assemble, sphereface2_loss
 
 from fr_dist import comm
 from fr_dist.heads import SphereFace2Head
 from fr_dist.heads.row_optim import RowOptimizer
-from fr_dist.sharding import assemble
 from fr_dist.testing import spawn_gloo
 from fr_dist.train import checkpoint as ckpt
 
@@ -22,11 +21,13 @@ B, D = 4, 8
 KW = dict(lam=0.7, r=30.0, m=0.5, t=3.0, lw=20.0)
 CASES = [dict(margin="C", grad="exact"), dict(margin="A", grad="detached"), dict(margin="M", grad="exact")]
 
+
 def _save_head_shard(head, opt, folder, rank):
     """What a checkpoint writes for the head of ``rank`` (train/checkpoint.py HeadShards)."""
-    ckpt.atomic_save(ckpt.HeadShards(head, opt).save_files(folder, rank)[f"head_rank{rank}.pt"],
-                     Path(folder) / f"head_rank{rank}.pt")
-
+    ckpt.atomic_save(
+        ckpt.HeadShards(head, opt).save_files(folder, rank)[f"head_rank{rank}.pt"],
+        Path(folder) / f"head_rank{rank}.pt",
+    )
 
 
 def data(world, K, seed=0):

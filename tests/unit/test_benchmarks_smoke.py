@@ -1,4 +1,5 @@
-"""Seconds-long smokes of the benchmark scripts (CI runs them; figures are never asserted)."""
+"""Seconds-long smokes of the benchmarks (CI runs them; figures are never asserted). The benchmarks are a package
+run from the repository root: ``python -m benchmarks.<name>``."""
 
 from __future__ import annotations
 
@@ -12,10 +13,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root, not installed
+    sys.path.insert(0, str(ROOT))
+
+
+def test_benchmarks_are_a_package_without_path_hacks():
+    """Every benchmark imports its neighbours as ``benchmarks.<name>``: none edits sys.path."""
+    import benchmarks._common  # noqa: F401
+
+    assert (ROOT / "benchmarks" / "__init__.py").is_file()
+    hacks = [p.name for p in sorted((ROOT / "benchmarks").glob("*.py")) if "sys.path" in p.read_text()]
+    assert not hacks, hacks
 
 
 # ----------------------------------------------------------------------------- helper "e2e":
-# benchmarks/train_throughput.py and benchmarks/gpu_check.sh
+# benchmarks.train_throughput and benchmarks/gpu_check.sh
 def _e2e_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -23,7 +35,7 @@ def _e2e_env() -> dict:
 @pytest.mark.dist
 def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "tt.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke"]
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--smoke"]
     cmd += ["--data-dir", str(tmp_path / "data"), "--out", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=_e2e_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -48,6 +60,8 @@ def test_train_throughput_smoke(tmp_path):
             assert shares["comm"] > 0  # 2 ranks: the head's collectives and the gradient all-reduce
             # every collective the comm counters saw went through the timer
             assert r["comm_calls_timed"] == r["comm_calls_counted"] > 0
+            assert r["step"] == "fr_dist.train.trainer.Trainer.train_step"
+            assert all(w > 0 for w in r["timed"]["subphase_wall_s"].values()), r["timed"]
     if _has_matplotlib():
         assert out.with_suffix(".png").stat().st_size > 0
 
@@ -60,15 +74,39 @@ def _has_matplotlib() -> bool:
     return True
 
 
-def test_train_throughput_phase_breakdown():
-    """Compute = slowest rank, collectives = the last-arriving rank's time in them, sync = the rest."""
-    import importlib.util
-
+def test_train_throughput_times_the_trainers_step(monkeypatch, tmp_path):
+    """The benchmark's free and timed steps are Trainer.train_step calls on one Trainer (no copy of the
+    step), and the timed ones reach every sub-phase boundary (hooks on the head, the embeddings' gradient,
+    the backbone optimizer)."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("_e2e_tt", ROOT / "benchmarks" / "train_throughput.py")
-    tt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tt)
+    from benchmarks import train_throughput as tt
+    from fr_dist.train.trainer import Trainer
+
+    calls = []
+    real = Trainer.train_step
+
+    def counted(self, batches):
+        calls.append(id(self))
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    a = tt.parse(["--smoke", "--device", "cpu", "--sources", "synthetic", "--data-dir", str(tmp_path)])
+    a.num_classes = 16
+    cpu = torch.device("cpu")
+    r = tt.run_config(0, 1, "sphereface2", "synthetic", a, cpu, tt.CommTimer(cpu))
+    assert len(calls) == a.warmup + 2 * a.steps and len(set(calls)) == 1
+    sub = r["timed"]["subphase_wall_s"]
+    assert list(sub) == list(tt.SUBPHASE_NAMES) and all(w > 0 for w in sub.values()), sub
+    assert r["free"]["images_per_s_global"] > 0 and r["timed"]["phase_s"]["head"] > 0
+
+
+def test_train_throughput_phase_breakdown():
+    """Compute = slowest rank, collectives = the last-arriving rank's time in them, sync = the rest."""
+    import torch
+
+    from benchmarks import train_throughput as tt
+
     n = len(tt.SUBPHASES)
     t = torch.zeros(2, 1, n, 3, dtype=torch.float64)  # [W, steps, sub-phases, (work, wall, comm)]
     head = tt.SUBPHASES.index("head")
@@ -129,11 +167,11 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------- helper "pfc":
-# benchmarks/classifier.py (the Makefile's bench-smoke command plus a chunked Partial FC)
+# benchmarks.classifier (the Makefile's bench-smoke command plus a chunked Partial FC)
 @pytest.mark.dist
 def test_classifier_benchmark_smoke(tmp_path):
     out = tmp_path / "classifier.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "classifier.py"), "--world-sizes", "2"]
+    cmd = [sys.executable, "-m", "benchmarks.classifier", "--world-sizes", "2"]
     cmd += ["--num-classes", "1000", "--steps", "3", "--dim", "128", "--batch", "16"]
     cmd += ["--pfc-chunks", "none", "300", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -158,18 +196,11 @@ def test_classifier_benchmark_smoke(tmp_path):
 
 @pytest.mark.dist
 def test_largest_run_smoke(tmp_path):
-    """benchmarks/largest_run.py: 2 gloo ranks train a bf16 fused-update SphereFace2 shard; loss falls."""
+    """benchmarks.largest_run: 2 gloo ranks train a bf16 fused-update SphereFace2 shard; loss falls."""
     out = tmp_path / "largest_run.json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "largest_run.py"),
-            "--smoke",
-            "--port",
-            "29657",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "benchmarks.largest_run", "--smoke", "--out", str(out)],
+        cwd=ROOT,
         env=_e2e_env(),
         capture_output=True,
         text=True,

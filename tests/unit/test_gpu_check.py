@@ -4,7 +4,7 @@ planner beside every measurement, and a dry run in a fresh venv with only torch 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root, not installed
+    sys.path.insert(0, str(ROOT))
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 GiB = 1 << 30
 
@@ -23,11 +25,8 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not f
 
 
 def _bench(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package yet)."""
-    spec = importlib.util.spec_from_file_location(f"_gpu_check_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The module benchmarks.<name>."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 class Cut(Exception):
@@ -140,20 +139,19 @@ def _classifier_result(cfg: dict, comm_kinds) -> dict:
 
 
 def test_classifier_json_is_written_after_every_point(tmp_path, monkeypatch):
-    import fr_dist.testing
     from fr_dist import comm
 
     cl = _bench("classifier")
     out = tmp_path / "classifier.json"
     done = []
 
-    def spawn(fn, world, args=(), timeout_s=0):
+    def spawn(fn, world, threads=1, **cfg):
         if len(done) == 1:
             raise Cut
-        done.append(args[0]["K"])
-        return [_classifier_result(args[0], comm.KINDS)]
+        done.append(cfg["K"])
+        return [_classifier_result(cfg, comm.KINDS)]
 
-    monkeypatch.setattr(fr_dist.testing, "spawn_gloo", spawn)
+    monkeypatch.setattr(cl, "spawn", spawn)
     argv = [
         "--world-sizes",
         "1",
@@ -277,7 +275,7 @@ STEP_ENTRY = [
     ("e2e", "benchmarks.train_throughput", "train_throughput.json"),
     ("capacity", "benchmarks.train_throughput", "capacity.json"),
     ("capacity_sf2_best", "benchmarks.train_throughput", "capacity.json"),
-    ("annotate", "benchmarks.gpu_calibrate", "plan_vs_measured_gpu.json"),
+    ("annotate", "fr_dist.plan", "plan_vs_measured_gpu.json"),
 ]
 
 
@@ -350,7 +348,8 @@ def test_dry_run_with_only_torch_and_numpy(torch_only_python, tmp_path):
         else:
             error = env_json["import_errors"][module]
             assert status[name] == f"skipped: {module} not importable ({error})", (name, status)
-    assert {"calibrate", "annotate"} <= set(ran), (ran, env_json["import_errors"])
+    # the measurements need torch alone; the planner (fr_dist's dependencies: pydantic, ...) may be absent
+    assert "calibrate" in ran, (ran, env_json["import_errors"])
     # --install pins the torch that is there and asks pip to fail fast
     cons = (out / "pip_constraints.txt").read_text()
     assert re.search(r"^torch==\d", cons, re.M), cons

@@ -147,3 +147,50 @@ def test_checker_sees_lazy_relative_and_from_imports():
     }
     assert [layer(m) for m in sorted(found)] == [4, 0, 1, 1, 3]  # cli, comm, heads, heads.margins, train
     assert layer("fr_dist.eval.cli") == 4 and layer("fr_dist.eval.ijb") == 2 and layer("fr_dist") == 0
+
+
+# ---- a visible graph: module size and imports hidden inside functions --------------------------------
+MAX_LINES = 500
+MAX_LAZY_INTERNAL_IMPORTS = 20
+
+
+def lazy_internal_imports(root: Path = PKG.parent) -> list[str]:
+    """``file:line`` of every fr_dist-internal import inside a function (optional extras don't count)."""
+    found = []
+    for path in sorted((root / "fr_dist").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                internal = (
+                    isinstance(node, ast.ImportFrom)
+                    and (node.level > 0 or (node.module or "").startswith("fr_dist"))
+                ) or (isinstance(node, ast.Import) and any(a.name.startswith("fr_dist") for a in node.names))
+                if internal:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return sorted(set(found))
+
+
+def test_no_module_over_500_lines():
+    big = {
+        str(p.relative_to(PKG.parent)): n
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not big, f"split by job (<= {MAX_LINES} lines): {big}"
+
+
+def test_few_imports_hidden_in_functions():
+    lazy = lazy_internal_imports()
+    assert len(lazy) <= MAX_LAZY_INTERNAL_IMPORTS, "move to the module top (or fix the cycle):\n" + "\n".join(
+        lazy
+    )
+
+
+def test_lazy_import_counter_sees_one(tmp_path):
+    (tmp_path / "fr_dist").mkdir()
+    (tmp_path / "fr_dist" / "a.py").write_text(
+        "from fr_dist import comm\ndef f():\n    import os\n    from fr_dist.heads import x\n    from . import y\n"
+    )
+    assert lazy_internal_imports(tmp_path) == ["fr_dist/a.py:4", "fr_dist/a.py:5"]

@@ -14,7 +14,8 @@ import pytest
 from fr_dist import plan as P
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root, not installed
+    sys.path.insert(0, str(ROOT))
 
 # A bare profile: 1 GiB per device, 100 MiB overhead, round throughput figures.
 HW = P.Hardware(
@@ -354,7 +355,7 @@ def test_softmax_share_point_found_for_the_head_alone():
 
 def test_published_record_validation():
     """insightface's 8 x V100-32GB record: memory within 20% at 7 points, max K within 25% of 29M."""
-    import plan_validation as V
+    from benchmarks import plan_validation as V
 
     v = V.validation("v2")
     for r in v["memory"]:
@@ -367,7 +368,7 @@ def test_published_throughput_regression():
     """The record's images/s at 11 points (9 of the README table, 2 of speed_benchmark.md) with the one fitted
     V100 figure (conv_efficiency): within 25% at all but model parallel at 5.5M (memory-full: 32,188 of
     32,510 MB), and the fall with K is the head model's, not a constant."""
-    import plan_validation as V
+    from benchmarks import plan_validation as V
 
     speed = V.validation("v2")["speed_informational"]
     assert len(speed) == 11
@@ -465,7 +466,7 @@ def test_cli_table_and_errors():
 
 def test_plan_validation_script_smoke(tmp_path):
     p = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "plan_validation.py"), "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.plan_validation", "--out-dir", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -496,7 +497,8 @@ def test_plan_vs_measured_smoke(tmp_path):
     p = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "plan_vs_measured.py"),
+            "-m",
+            "benchmarks.plan_vs_measured",
             "--smoke",
             "--steps",
             "1",

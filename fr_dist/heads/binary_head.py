@@ -26,7 +26,7 @@ from fr_dist import comm
 from fr_dist.heads.binary import BinaryLoss, BinaryPlan, BinaryStages, binary_partial_loss
 from fr_dist.heads.row_optim import RowAdamW, RowOptimizer, build_row_optimizer
 from fr_dist.heads.sampling import num_sampled, sample_negatives
-from fr_dist.heads.sharded import OptimizerContract, ShardedClassifier, autocast_gemm_dtype, split_loss_kwargs
+from fr_dist.heads.sharded import OptimizerContract, ShardedClassifier, autocast_gemm_dtype, resolve_loss
 
 __all__ = ["BinaryHead", "binary_block_loss", "KERNELS", "PROXY_DTYPES"]
 
@@ -145,13 +145,7 @@ class BinaryHead(ShardedClassifier):
         kernel: str = "auto",
         **loss_kwargs,
     ):
-        if loss is None:
-            hparams, unknown = split_loss_kwargs(self.loss_cls, loss_kwargs)
-            if unknown:
-                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
-            loss = self.loss_cls(**hparams)
-        elif loss_kwargs:
-            raise TypeError(f"give the loss or its hyper-parameters, not both: {sorted(loss_kwargs)}")
+        loss = resolve_loss(type(self), loss, loss_kwargs)
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
         _check_fused_options(
@@ -170,9 +164,7 @@ class BinaryHead(ShardedClassifier):
             if fused_update and proxy_dtype == "bf16" and not master_weights
             else torch.float32,
         )
-        self.loss = loss
-        for name, value in loss.state().items():
-            self.register_state_buffer(name, value)
+        self.attach_loss(loss)
         b0 = loss.initial_bias(num_classes)
         self.bias = torch.nn.Parameter(torch.tensor([b0], dtype=torch.float32))  # [1], replicated
         self.fused = bool(fused)

@@ -24,7 +24,7 @@ __all__ = [
     "ShardedClassifier",
     "autocast_gemm_dtype",
     "init_weight_rows",
-    "split_loss_kwargs",
+    "resolve_loss",
 ]
 
 # Rows are generated in fixed blocks, each from its own seed, so a rank can draw exactly its
@@ -55,12 +55,18 @@ def autocast_gemm_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
-def split_loss_kwargs(loss_cls: type, kwargs: dict) -> tuple[dict, dict]:
-    """``kwargs`` -> (the hyper-parameters ``loss_cls`` takes, the rest: the family head's options)."""
-    names = set(inspect.signature(loss_cls).parameters)
-    return {k: v for k, v in kwargs.items() if k in names}, {
-        k: v for k, v in kwargs.items() if k not in names
-    }
+def resolve_loss(head_cls: type, loss, loss_kwargs: dict):
+    """The loss a family head runs: ``loss`` as given, or ``head_cls.loss_cls`` built from the keywords the
+    head's own signature did not take (its hyper-parameters); a keyword neither takes is a TypeError."""
+    if loss is not None:
+        if loss_kwargs:
+            raise TypeError(f"give the loss or its hyper-parameters, not both: {sorted(loss_kwargs)}")
+        return loss
+    names = set(inspect.signature(head_cls.loss_cls).parameters)
+    unknown = sorted(k for k in loss_kwargs if k not in names)
+    if unknown:
+        raise TypeError(f"{head_cls.__name__} got unexpected keyword arguments {unknown}")
+    return head_cls.loss_cls(**loss_kwargs)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,12 @@ class ShardedClassifier(nn.Module):
     def log_scalars(self) -> dict[str, float]:
         """Scalars of the head worth logging every log step (e.g. SphereFace2's bias)."""
         return {}
+
+    def attach_loss(self, loss) -> None:
+        """Hold ``loss`` and register its state (:meth:`register_state_buffer` for each of ``loss.state()``)."""
+        self.loss = loss
+        for name, value in loss.state().items():
+            self.register_state_buffer(name, value)
 
     def register_state_buffer(self, name: str, tensor: torch.Tensor) -> None:
         """A replicated buffer (identical on every rank, e.g. a loss's EMA statistic updated from all-reduced

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fr_dist import comm
 from fr_dist.heads.sampling import sample_classes
-from fr_dist.heads.sharded import ShardedClassifier, autocast_gemm_dtype, split_loss_kwargs
+from fr_dist.heads.sharded import ShardedClassifier, autocast_gemm_dtype, resolve_loss
 
 __all__ = [
     "SoftmaxHead",
@@ -323,13 +323,7 @@ class SoftmaxHead(ShardedClassifier):
         chunk_size: int | None = None,
         **loss_kwargs,
     ):
-        if loss is None:
-            hparams, unknown = split_loss_kwargs(self.loss_cls, loss_kwargs)
-            if unknown:
-                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
-            loss = self.loss_cls(**hparams)
-        elif loss_kwargs:
-            raise TypeError(f"give the loss or its hyper-parameters, not both: {sorted(loss_kwargs)}")
+        loss = resolve_loss(type(self), loss, loss_kwargs)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         _check_chunk(chunk_size)
@@ -342,9 +336,7 @@ class SoftmaxHead(ShardedClassifier):
             check_inputs=check_inputs,
             check_finite=check_finite,
         )
-        self.loss = loss
-        for name, value in loss.state().items():
-            self.register_state_buffer(name, value)
+        self.attach_loss(loss)
         self.sample_rate = float(sample_rate)
         self.chunk_size = chunk_size
         self.generator = torch.Generator().manual_seed(int(seed) * 7919 + self.rank + 1)

@@ -147,7 +147,6 @@ class Trainer:
                 self.bb.backward(loss, self.scaler)  # the scaler scales the whole loss (fp16 on CUDA)
             loss_sum += float(loss.detach()) / t.grad_accum
             images += imgs.shape[0] * self.env.world_size
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # the scale this step used
         grad_norm, grads_ok = self.bb.step(self.scaler, t.clip_grad_norm, math.isfinite(loss_sum))
         finite = math.isfinite(loss_sum) and grads_ok
         # the head's gradients carry the loss scale too: unscale and step them through the scaler
@@ -158,8 +157,14 @@ class Trainer:
         self.scaler.update()
         self.opt_head.zero_grad(set_to_none=True)
         # a finite loss whose gradients overflowed under a loss scale > 1 is the scaler's to fix (it skipped
-        # the step and halved the scale: fp16 warm-up from 2^16); only what it cannot recover from counts
-        scaler_skip = not finite and math.isfinite(loss_sum) and scale > 1.0
+        # the step and backed the scale off: fp16 warm-up from 2^16); only what it cannot recover from counts.
+        # The scale this step used is read only then (get_scale() synchronises with the device).
+        scaler_skip = (
+            not finite
+            and math.isfinite(loss_sum)
+            and self.scaler.is_enabled()
+            and self.scaler.get_scale() / self.scaler.get_backoff_factor() > 1.0
+        )
         if scaler_skip:
             p.scaler_skips += 1
         else:

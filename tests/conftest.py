@@ -33,11 +33,6 @@ def _shared_subdir(*parts: str) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return _shared_subdir()
-
-
 @pytest.fixture(scope="session", params=["committed", "shared"])
 def golden_dir(request) -> Path:
     """tests/golden (always), then ../shared/golden (skips when absent); same archive layout."""
@@ -48,12 +43,6 @@ def golden_dir(request) -> Path:
 def rec_fixture_dir(request) -> Path:
     """tests/fixtures/rec_fr_dist (fr_dist's writer), then ../shared/fixtures/mxnet_rec (MXNet 1.9.1)."""
     return COMMITTED["rec"] if request.param == "fr_dist" else _shared_subdir("fixtures", "mxnet_rec")
-
-
-@pytest.fixture(scope="session")
-def mxnet_fixture_dir() -> Path:
-    """Only the MXNet-written set, for a test about MXNet's own bytes."""
-    return _shared_subdir("fixtures", "mxnet_rec")
 
 
 # ---- end of reference data ---------------------------------------------------------------------

@@ -56,6 +56,14 @@ class SoftmaxLoss:
     family = "softmax"
     s: float = 1.0
     target_has_slope: bool = False
+    cos_clip: float = 0.0
+    """Every cosine is clipped to [-1 + cos_clip, 1 - cos_clip] (insightface: 0, AdaFace: 1e-3, OpenSphere's
+    SphereFace: 1e-5) before the margin; the gradient is zero strictly outside unless ``clip_detached``."""
+    clip_detached: bool = False
+    """The clip changes the value only (OpenSphere's SphereFace computes its margin under no_grad)."""
+    project_rows: bool = False
+    """OpenSphere's convention: the rows are re-projected onto the sphere in place before every forward and
+    ``weight.grad`` is dL/dW_used (no radial term); False: insightface's differentiable normalisation."""
 
     def for_batch(self, x_all: torch.Tensor, state: dict, training: bool) -> SoftmaxLoss:
         """The loss for this step: x_all [N, D] the gathered raw embeddings (a per-sample margin reads their
@@ -127,23 +135,26 @@ def _inv_row_norms(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norm.clamp_min(_NORM_EPS).reciprocal(), norm >= _NORM_EPS
 
 
-def _cos_block(x_mm: torch.Tensor, w_mm: torch.Tensor, inv: torch.Tensor, math_dtype):
+def _cos_block(x_mm: torch.Tensor, w_mm: torch.Tensor, inv: torch.Tensor, math_dtype, loss: SoftmaxLoss):
     """Clipped cosines [N, c] = (x_hat W_c^T) * inv_c, and where the clip changed something.
 
-    The clip (insightface's ``clamp(-1, 1)``, zero gradient strictly outside) is only needed in
-    the rare rows whose extreme exceeds 1 by rounding: ``over`` = (rows [r], mask [r, c]) or None.
+    The clip (insightface's ``clamp(-1, 1)``; ``loss.cos_clip`` moves the bound in; zero gradient strictly
+    outside unless ``loss.clip_detached``) is only needed in the rare rows whose extreme exceeds the bound:
+    ``over`` = (rows [r], mask [r, c]) or None (also None when the clip is detached).
     """
     cos = torch.mm(x_mm, w_mm.t())  # [N, D] @ [D, c] -> [N, c]
     if cos.dtype != math_dtype:
         cos = cos.to(math_dtype)
     cos.mul_(inv)  # fold the row norms: [N, c] * [c]
     over = None
+    bound = 1.0 - loss.cos_clip
     if cos.numel():
-        bad = ((cos.amax(dim=1) > 1.0) | (cos.amin(dim=1) < -1.0)).nonzero().squeeze(1)  # [r]
+        bad = ((cos.amax(dim=1) > bound) | (cos.amin(dim=1) < -bound)).nonzero().squeeze(1)  # [r]
         if bad.numel():
             sub = cos[bad]  # [r, c]
-            over = (bad, sub.abs() > 1.0)
-            cos[bad] = sub.clamp_(-1.0, 1.0)
+            if not loss.clip_detached:
+                over = (bad, sub.abs() > bound)
+            cos[bad] = sub.clamp_(-bound, bound)
     return cos, over
 
 
@@ -182,13 +193,15 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         x_mm = x_hat.detach().to(mm_dtype or weight.dtype)  # [N, D]
         w_mm = weight.detach().to(mm_dtype) if mm_dtype is not None else weight.detach()  # [n, D]
         inv, norm_ok = _inv_row_norms(weight.detach().to(math_dtype))  # [n], [n]
+        if loss.project_rows:  # unit rows (re-projected by the head): cos = x_hat W^T, no radial term
+            inv, norm_ok = torch.ones_like(inv), torch.zeros_like(norm_ok)
         rows = (target_col >= 0).nonzero().squeeze(1)  # [T] global-batch rows whose class is here
         cols = target_col[rows]  # [T]
         vt = torch.zeros(rows.shape[0], dtype=math_dtype, device=dev)  # [T] margin values
         dvt = torch.empty_like(vt) if loss.target_has_slope else None
         neg_inf = torch.full((N,), float("-inf"), dtype=math_dtype, device=dev)
         if chunk is None:
-            cos, over = _cos_block(x_mm, w_mm, inv, math_dtype)  # [N, n]
+            cos, over = _cos_block(x_mm, w_mm, inv, math_dtype, loss)  # [N, n]
             vt, dvt = loss.target(cos[rows, cols], rows)  # [T]
             logits = cos * s  # [N, n]
             logits[rows, cols] = vt * s
@@ -201,7 +214,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             run_max, run_sum = neg_inf.clone(), torch.zeros(N, dtype=math_dtype, device=dev)  # [N]
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
-                cos, _ = _cos_block(x_mm, w_mm[lo:hi], inv[lo:hi], math_dtype)  # [N, c]
+                cos, _ = _cos_block(x_mm, w_mm[lo:hi], inv[lo:hi], math_dtype, loss)  # [N, c]
                 sel = ((cols >= lo) & (cols < hi)).nonzero().squeeze(1)  # [t] targets in this chunk
                 r, c = rows[sel], cols[sel] - lo
                 v, dv = loss.target(cos[r, c], r)  # [t]
@@ -222,9 +235,9 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         p_target[rows] = p_here
         p_target = comm.all_reduce(p_target, "sum", group, name="softmax_target")  # [N]
         # insightface floors p_target at 1e-30 in the value only; the gradient stays softmax - onehot
-        loss = -p_target.clamp_min(1e-30).log().mean()
+        value = -p_target.clamp_min(1e-30).log().mean()
 
-        ctx.s, ctx.chunk, ctx.N, ctx.x_dtype = s, chunk, N, x_hat.dtype
+        ctx.s, ctx.chunk, ctx.N, ctx.x_dtype, ctx.loss = s, chunk, N, x_hat.dtype, loss
         col_scale = inv * s  # [n]
         if chunk is None:
             g = _logit_grad_(e, 1.0 / (gsum * N), rows, cols, 1.0 / N, dvt, col_scale, over)  # [N, n]
@@ -234,7 +247,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             ctx.save_for_backward(x_mm, w_mm, weight, g, radial)
         else:
             ctx.save_for_backward(x_mm, w_mm, weight, inv, norm_ok, gmax, gsum, rows, cols, vt, dvt)
-        return loss
+        return value
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -258,7 +271,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def _backward_chunked(ctx, grad_out):
         x_mm, w_mm, weight, inv, norm_ok, gmax, gsum, rows, cols, vt, dvt = ctx.saved_tensors
-        (s, N, chunk), n = (ctx.s, ctx.N, ctx.chunk), weight.shape[0]
+        (s, N, chunk, loss), n = (ctx.s, ctx.N, ctx.chunk, ctx.loss), weight.shape[0]
         math_dtype = gsum.dtype
         w_raw = weight.detach()
         row_scale = grad_out.to(math_dtype) / (gsum * N)  # [N]
@@ -267,7 +280,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)  # [n, D]
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            cos, over = _cos_block(x_mm, w_mm[lo:hi], inv[lo:hi], math_dtype)  # [N, c], recomputed
+            cos, over = _cos_block(x_mm, w_mm[lo:hi], inv[lo:hi], math_dtype, loss)  # [N, c], recomputed
             sel = ((cols >= lo) & (cols < hi)).nonzero().squeeze(1)  # [t]
             r, c = rows[sel], cols[sel] - lo
             logits = cos * s  # [N, c]
@@ -351,6 +364,9 @@ class SoftmaxHead(ShardedClassifier):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x_all, labels_all = self.gather(embeddings, labels)  # [W*B, D], [W*B]
         target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
+        if self.loss.project_rows:  # OpenSphere: every row of the shard re-projected in place, then used
+            with torch.no_grad():
+                self.weight.copy_(F.normalize(self.weight, dim=1))
         weight = self.weight  # [n_r, D]
         if self.sample_rate < 1.0:
             index, target_col = sample_classes(target_col, self.num_local, self.sample_rate, self.generator)

@@ -148,12 +148,12 @@ def test_chunk_size_validated():
 
 
 def test_clip_rows_only_touch_entries_outside_the_unit_interval():
-    from fr_dist.heads.softmax import _cos_block, _logit_grad_
+    from fr_dist.heads.softmax import SoftmaxLoss, _cos_block, _logit_grad_
 
     x = torch.eye(3, 4, dtype=torch.float64)  # [3, 4] unit rows
     w = torch.eye(5, 4, dtype=torch.float64)  # [5, 4] unit rows: cos = 1 on the diagonal
     inv = torch.full((5,), 1.0 + 1e-12, dtype=torch.float64)  # push the diagonal just above 1
-    cos, over = _cos_block(x, w, inv, torch.float64)
+    cos, over = _cos_block(x, w, inv, torch.float64, SoftmaxLoss())
     assert cos.max() == 1.0 and over is not None
     rows, mask = over
     assert rows.tolist() == [0, 1, 2] and mask.sum() == 3 and bool(mask[0, 0] & mask[1, 1] & mask[2, 2])

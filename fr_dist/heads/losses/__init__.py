@@ -54,6 +54,9 @@ How the next losses plug in (not implemented):
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from fr_dist.heads.losses import partial_fc, sphereface2
 from fr_dist.heads.losses.partial_fc import ArcFace, CombinedMargin, CosFace, MarginSoftmax, PartialFCHead
 from fr_dist.heads.losses.sphereface2 import (
@@ -79,3 +82,7 @@ __all__ = [
     "CosFace",
     "CombinedMargin",
 ]
+
+# every other loss file of this package registers itself on import (a new loss is one new file)
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")

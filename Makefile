@@ -7,7 +7,7 @@ DEMO_CONFIG ?= configs/demo_cpu.yaml
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-pfc test test-launch lint bench-smoke clean
+.PHONY: setup demo demo-pfc demo-losses test test-launch lint bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(VENV)/.installed
 demo-pfc:
 	$(MAKE) demo DEMO_CONFIG=configs/demo_cpu_pfc.yaml
 
+# every loss's CPU demo (configs/demo_cpu*.yaml; trained here where its run folder has no results.json),
+# then the table (accuracy, VAL@FAR=1e-3, images/s) and one ROC figure: benchmarks/results/<hw>_<yyyymm>/
+demo-losses: $(VENV)/.installed
+	$(PY) -m benchmarks.demo_losses --run $(if $(DEMO_ARGS),--run-args "$(DEMO_ARGS)")
+
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
@@ -39,6 +44,7 @@ lint: $(VENV)/.installed
 bench-smoke: $(VENV)/.installed
 	$(PY) -m benchmarks.classifier --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.train_throughput --smoke && bash -n benchmarks/gpu_check.sh
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.demo_losses --smoke
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
-"""Classifier-layer benchmark: SphereFace2 vs Partial-FC softmax against the GEMM bound.
+"""Classifier-layer benchmark: every registered loss (fr_dist.heads.list_heads()) against the GEMM bound.
 
-Per configuration (head, K classes, world size W, batch B per rank, chunk) it trains the
+Per configuration (loss, K classes, world size W, batch B per rank, chunk) it trains the
 class-sharded head alone on synthetic class-clustered embeddings and reports, per rank 0:
 
 * ``step_time_s``   median of forward + backward + SGD(momentum) update of the shard;
@@ -18,6 +18,18 @@ class-sharded head alone on synthetic class-clustered embeddings and reports, pe
                     materialised fp32 logits (chunk None) at the same (K, W, B);
 * ``comm_per_step`` collective calls, logical bytes and ring wire bytes (fr_dist.comm counters).
 
+Which heads, and how (registry-driven: a new loss file needs no edit here): ``--losses`` (default: every
+registered loss; ``--heads`` is the older name). Each loss runs with its own defaults; a loss of the
+*binary* family (``loss_cls.family``) with the lean settings, ``fused_update=True`` where its head takes it
+(what the SphereFace2 rows of the README use; ``--no-lean`` drops it, ``--binary-opt key=value`` adds or
+overrides options of every binary head); a loss of the *softmax* family once per ``--softmax-chunks`` entry:
+``none`` the materialised [N, n] block, an int the chunked online softmax (default: both, ``none 8192``).
+``--sample-rate`` is the softmax heads' Partial-FC rate.
+
+Beside the JSON (``--out``) it writes ``<out>.md``, the README table (loss | family | path | K | W |
+step / 3-GEMM | peak step MiB); ``--table JSON`` rewrites it from a finished JSON without running.
+Results live in ``benchmarks/results/<hardware>_<yyyymm>/`` (e.g. ``cpu2_202612``: this 2-core CPU).
+
 Why not RSS: the process high-water mark never goes down between configurations, includes the
 allocator's caching and the interpreter, and cannot isolate one step; tracemalloc does not see
 torch's allocations at all.
@@ -27,12 +39,19 @@ CPU (spawns W gloo ranks itself)::
     python -m benchmarks.classifier --world-sizes 1 2 --num-classes 1000 10000 100000 1000000 \\
         --pfc-chunks none 8192 --out benchmarks/results/cpu2_202611/classifier.json
 
-Smoke (seconds, ``make bench-smoke``)::
+Every loss at K = 10^5 and 10^6 (the README table)::
+
+    nice python -m benchmarks.classifier --world-sizes 1 2 --num-classes 100000 1000000 --steps 4 \\
+        --warmup 1 --out benchmarks/results/cpu2_202612/classifier_losses.json
+
+Smoke (seconds, ``make bench-smoke``; ``--smoke``: every loss, K = 1000, W = 2, all configurations in one
+spawned group)::
 
     python -m benchmarks.classifier --world-sizes 2 --num-classes 1000 --steps 3 --dim 128 --batch 16
+    python -m benchmarks.classifier --smoke --out /tmp/classifier_smoke.json
 
-SphereFace2 options of a newer head (``chunk_size``, ``fused_update``, ``proxy_dtype``, ...) are
-passed with ``--sf2-opt key=value`` (repeatable); keys the installed head does not accept are
+Options of the binary heads (``chunk_size``, ``fused_update``, ``proxy_dtype``, ...) are passed with
+``--binary-opt key=value`` (repeatable; ``--sf2-opt`` is the older name); keys a head does not accept are
 reported and ignored. GPU (one configuration per launch; W from torchrun)::
 
     torchrun --nproc_per_node=8 -m benchmarks.classifier --launcher torchrun --num-classes 2000000 \\
@@ -46,6 +65,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,7 +84,16 @@ from benchmarks._common import (
     write_json_atomic,
 )
 from fr_dist import comm
-from fr_dist.heads import PartialFCHead, SphereFace2Head
+from fr_dist.heads import SphereFace2Head, list_heads
+from fr_dist.heads.registry import head_class
+
+# the lean settings of a binary-family head (the README's SphereFace2 rows): the in-pass row update
+LEAN_BINARY = {"fused_update": True}
+DEFAULT_SOFTMAX_CHUNKS = ["none", "8192"]
+# --smoke: every loss, seconds
+SMOKE = dict(
+    world_sizes=[2], num_classes=[1000], steps=2, warmup=1, dim=64, batch=8, softmax_chunks=["none", "300"]
+)
 
 
 def _accepted(cls, opts: dict) -> tuple[dict, list]:
@@ -74,14 +103,24 @@ def _accepted(cls, opts: dict) -> tuple[dict, list]:
     return ok, sorted(set(opts) - set(ok))
 
 
+def family(name: str) -> str:
+    """The loss family of registered loss ``name``: ``binary`` | ``softmax``."""
+    return head_class(name).loss_cls.family
+
+
 def make_head(name: str, dim: int, K: int, sample_rate: float, chunk, sf2_opts: dict):
-    """Build the head; returns (head, options applied, options ignored)."""
-    if name == "sphereface2":
-        opts, ignored = _accepted(SphereFace2Head, sf2_opts)
-        return SphereFace2Head(dim, K, check_inputs=False, **opts), opts, ignored
-    opts, ignored = _accepted(PartialFCHead, {"chunk_size": chunk} if chunk is not None else {})
-    head = PartialFCHead(dim, K, margin="arcface", sample_rate=sample_rate, check_inputs=False, **opts)
-    return head, opts, ignored
+    """Build registered loss ``name``'s head with its defaults and: a binary head ``sf2_opts`` (its options,
+    e.g. fused_update), a softmax head ``chunk`` (None: the materialised block) and ``sample_rate``;
+    returns (head, options applied, options ignored)."""
+    cls = head_class(name)
+    if family(name) == "binary":
+        want = dict(sf2_opts)
+    else:
+        want = {"chunk_size": chunk} if chunk is not None else {}
+        if sample_rate < 1.0:
+            want["sample_rate"] = sample_rate
+    opts, ignored = _accepted(cls, want)
+    return cls(dim, K, check_inputs=False, **opts), opts, ignored
 
 
 def _configure_fused_update(head, lr: float, momentum: float) -> bool:
@@ -160,9 +199,8 @@ def run_config(
         losses.append(float(loss.detach()))
 
     N = world * batch
-    n_used = (
-        head.num_local if sample_rate >= 1 or head_name != "partial_fc" else int(sample_rate * head.num_local)
-    )
+    softmax = family(head_name) == "softmax"
+    n_used = head.num_local if sample_rate >= 1 or not softmax else int(sample_rate * head.num_local)
     n3 = max(n_used, 1)
     g3 = dict(
         x=torch.randn(N, dim, device=dev),  # [N, D]
@@ -222,14 +260,15 @@ def run_config(
     med, gmed = median(times), median(gtimes)
     return dict(
         head=head_name,
+        family=family(head_name),
         num_classes=K,
         world_size=world,
         batch_per_rank=batch,
         dim=dim,
         num_local=head.num_local,
         classes_used=n_used,
-        chunk=chunk if head_name == "partial_fc" else applied.get("chunk_size"),
-        sample_rate=sample_rate if head_name == "partial_fc" else None,
+        chunk=chunk if softmax else applied.get("chunk_size"),
+        sample_rate=sample_rate if softmax else None,
         head_options=applied,
         head_options_ignored=ignored,
         fused_update=fused,
@@ -251,11 +290,27 @@ def run_config(
     )
 
 
+def run_configs(rank, world, configs: list[dict]) -> list[dict]:
+    """:func:`run_config` for each of ``configs`` in this one process group (``--smoke``: one spawn)."""
+    return [run_config(rank, world, **cfg) for cfg in configs]
+
+
+def _family_of(r: dict) -> str:
+    return r.get("family") or ("softmax" if r["head"] == "partial_fc" else "binary")  # older JSON: 2 heads
+
+
+def path(r: dict) -> str:
+    """How the head ran: softmax ``dense`` | ``chunked <c>``; binary its options (``fused_update=True``)."""
+    if _family_of(r) == "softmax":
+        return "dense" if r["chunk"] is None else f"chunked {r['chunk']}"
+    return ",".join(f"{k}={v}" for k, v in sorted(r["head_options"].items())) or "defaults"
+
+
 def label(r: dict) -> str:
-    if r["head"] == "partial_fc":
-        return "partial_fc" + ("" if r["chunk"] is None else f" chunk={r['chunk']}")
+    if _family_of(r) == "softmax":
+        return r["head"] + ("" if r["chunk"] is None else f" chunk={r['chunk']}")
     opts = ",".join(f"{k}={v}" for k, v in sorted(r["head_options"].items()))
-    return "sphereface2" + (f" {opts}" if opts else "")
+    return r["head"] + (f" {opts}" if opts else "")
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -341,10 +396,12 @@ def _chunks(values) -> list:
 
 
 def _configs(a) -> list[dict]:
-    """run_config keyword arguments of every (head, chunk, K) point of one world size."""
+    """run_config keyword arguments of every (loss, chunk, K) point of one world size: a softmax loss once
+    per ``--softmax-chunks`` entry, a binary loss with the binary options (lean unless ``--no-lean``)."""
     out = []
-    for head in a.heads:
-        for chunk in _chunks(a.pfc_chunks) if head == "partial_fc" else [None]:
+    for head in a.losses:
+        chunks = _chunks(a.softmax_chunks) if family(head) == "softmax" else [None]
+        for chunk in chunks:
             for K in a.num_classes:
                 out.append(
                     dict(head_name=head, K=K, batch=a.batch, dim=a.dim, steps=a.steps, warmup=a.warmup,
@@ -352,6 +409,79 @@ def _configs(a) -> list[dict]:
                          measure_memory=not a.no_memory)
                 )  # fmt: skip
     return out
+
+
+# the planner's items that are a step's transient allocations (benchmarks/plan_vs_measured.py's TRANSIENT +
+# what the loss adds): what peak_step_bytes measures
+PLAN_TRANSIENT = ("logit_block", "sampled_copies", "embeddings", "comm_buffers", "loss_extras")
+
+
+def planned_step_bytes(r: dict) -> int | None:
+    """``fr-dist plan``'s step transients (cpu profile) for result ``r``'s configuration, or None where the
+    planner cannot plan it (a loss no longer registered)."""
+    from fr_dist import plan as P
+
+    opts = r.get("head_options") or {}
+    binary = _family_of(r) == "binary"
+    try:
+        cfg = P.PlanConfig(
+            identities=r["num_classes"], dim=r["dim"], gpus_per_node=r["world_size"], nodes=1,
+            batch=r["batch_per_rank"], head=r["head"], sample_rate=r.get("sample_rate") or 1.0,
+            chunk_size=int(opts.get("chunk_size", 0)) if binary else 0,
+            softmax_chunk=0 if binary else int(r.get("chunk") or 0),
+            proxy_dtype=opts.get("proxy_dtype", "fp32") if binary else "fp32",
+            fused_update=bool(r.get("fused_update")) if binary else False, optimizer="sgd", amp="none",
+            head_amp=False, backbone="none", pfc_impl="fr_dist", ddp_bucket_copy=False, sf2_kernel="eager",
+        )  # fmt: skip
+        mem = P.memory_breakdown(cfg, P.load_hardware("cpu", r["world_size"]))
+    except ValueError:
+        return None
+    return sum(mem[k] for k in PLAN_TRANSIENT)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The README table of ``results``: one row per (loss, path, K, W), by loss name; ``plan MiB`` is
+    :func:`planned_step_bytes`, the planner's figure for the measured peak step memory."""
+    lines = [
+        "| loss | family | path | K | W | step / 3-GEMM | peak step MiB | plan MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    order = sorted(  # per loss: the dense softmax before the chunked one
+        results,
+        key=lambda r: (r["head"], r.get("chunk") is not None, path(r), r["num_classes"], r["world_size"]),
+    )
+    for r in order:
+        peak, planned = r.get("peak_step_bytes"), planned_step_bytes(r)
+        lines.append(
+            f"| {r['head']} | {_family_of(r)} | {path(r)} | {_count(r['num_classes'])} | {r['world_size']} | "
+            f"{r['ratio_to_gemm3']:.2f} | {_mib(peak)} | {_mib(planned)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _count(k: int) -> str:
+    """10^5 for 100000; other counts as digits with thousands separators."""
+    e = len(str(k)) - 1
+    return f"10^{e}" if k == 10**e and e >= 3 else f"{k:,}"
+
+
+def write_table(json_path: Path) -> Path:
+    """``<json>.md`` beside ``json_path``: its results as :func:`markdown_table`."""
+    report = json.loads(Path(json_path).read_text())
+    md = Path(json_path).with_suffix(".md")
+    args = report.get("args", {})
+    head = (
+        f"<!-- benchmarks.classifier: B = {args.get('batch')}/rank, D = {args.get('dim')}, "
+        f"{args.get('steps')} steps after {args.get('warmup')} warm-up, host {report.get('host', {}).get('cpu_count', '?')} "
+        f"CPUs; step / 3-GEMM = median step / median of the 3 GEMMs timed in the same process -->\n"
+    )
+    md.write_text(head + markdown_table(report["results"]))
+    print(f"table: {md}")
+    return md
 
 
 def _summary(r: dict) -> str:
@@ -367,19 +497,26 @@ def _summary(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--heads", nargs="+", default=["sphereface2", "partial_fc"])
+    p.add_argument("--losses", "--heads", dest="losses", nargs="+", default=None, metavar="LOSS",
+                   help=f"registered losses (default: all: {' '.join(list_heads())})")  # fmt: skip
     p.add_argument("--num-classes", nargs="+", type=int, default=[1000, 10000])
     p.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2])
     p.add_argument("--batch", type=int, default=64, help="per-rank batch")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--sample-rate", type=float, default=1.0, help="Partial-FC sample rate")
-    p.add_argument(
-        "--pfc-chunks", nargs="+", default=["none"], help="Partial-FC chunk sizes; none = materialised"
-    )
-    p.add_argument("--sf2-opt", dest="sf2_opts", action="append", default=[], metavar="KEY=VALUE",
-                   help="SphereFace2Head keyword (e.g. chunk_size=4096, fused_update=True, proxy_dtype=bf16)")  # fmt: skip
+    p.add_argument("--sample-rate", type=float, default=1.0, help="softmax heads' Partial-FC sample rate")
+    p.add_argument("--softmax-chunks", "--pfc-chunks", dest="softmax_chunks", nargs="+", default=None,
+                   help=f"softmax heads' chunk sizes; none = materialised (default: {' '.join(DEFAULT_SOFTMAX_CHUNKS)})")  # fmt: skip
+    p.add_argument("--binary-opt", "--sf2-opt", dest="sf2_opts", action="append", default=[], metavar="KEY=VALUE",
+                   help="binary heads' keyword (e.g. chunk_size=4096, fused_update=False, proxy_dtype=bf16)")  # fmt: skip
+    p.add_argument("--no-lean", action="store_true",
+                   help=f"binary heads without the lean defaults {LEAN_BINARY}")  # fmt: skip
+    p.add_argument("--keep-going", action="store_true",
+                   help="a point that fails is listed under 'failed' in the JSON and the sweep goes on")  # fmt: skip
+    p.add_argument("--smoke", action="store_true", help=f"every loss in seconds, one spawn: {SMOKE}")
+    p.add_argument("--table", type=Path, default=None, metavar="JSON",
+                   help="only write the markdown table of a finished JSON (beside it, .md)")  # fmt: skip
     p.add_argument("--max-k-for-world", nargs="*", default=[], metavar="W=K",
                    help="skip K above this for world size W, e.g. 4=100000")  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
@@ -389,8 +526,19 @@ def main(argv=None) -> int:
     p.add_argument("--log", action="store_true", help="print every step's loss and time")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    a.sf2_opts = _parse_opts(a.sf2_opts)
+    if a.table:
+        write_table(a.table)
+        return 0
+    if a.smoke:
+        for key, value in SMOKE.items():
+            setattr(a, key, value)
+    a.losses = list(a.losses or list_heads())
+    for name in a.losses:
+        head_class(name)  # an unknown name: the error lists the registered ones
+    a.softmax_chunks = a.softmax_chunks or list(DEFAULT_SOFTMAX_CHUNKS)
+    a.sf2_opts = {**({} if a.no_lean else LEAN_BINARY), **_parse_opts(a.sf2_opts)}
     max_k = {int(w): int(k) for w, k in (item.split("=") for item in a.max_k_for_world)}
+    a.failed = []
 
     results = []
     if a.launcher == "torchrun":
@@ -407,10 +555,23 @@ def main(argv=None) -> int:
             _write(results, a)
         shutdown(0)
     for W in a.world_sizes:
+        if a.smoke:  # all configurations in one spawned group: seconds, not a spawn per point
+            for r in spawn(run_configs, W, threads=a.threads, configs=_configs(a))[0]:
+                results.append(r)
+                print(_summary(r), flush=True)
+            continue
         for cfg in _configs(a):
             if cfg["K"] > max_k.get(W, cfg["K"]):
                 continue
-            r = spawn(run_config, W, threads=a.threads, **cfg)[0]
+            try:
+                r = spawn(run_config, W, threads=a.threads, **cfg)[0]
+            except Exception as e:  # noqa: BLE001 - a long sweep keeps going with --keep-going
+                if not a.keep_going:
+                    raise
+                a.failed.append(dict(head=cfg["head_name"], K=cfg["K"], world_size=W, chunk=cfg["chunk"],
+                                     error=f"{type(e).__name__}: {e}"[-2000:]))  # fmt: skip
+                print(f"FAILED {cfg['head_name']} K={cfg['K']} W={W}: {e}", flush=True)
+                continue
             results.append(r)
             print(_summary(r), flush=True)
             _write(results, a, final=False)  # after every point: a cut run keeps what it measured
@@ -425,14 +586,16 @@ def _write(results, a, final: bool = True):
         benchmark="classifier",
         host=host_facts(),
         sphereface2_accepts=sorted(inspect.signature(SphereFace2Head.__init__).parameters)[1:],
-        args=args_record(a),
+        args={k: v for k, v in args_record(a).items() if k != "failed"},
         complete=final,
         results=results,
+        failed=getattr(a, "failed", []),
     )
     if a.out:
         write_json_atomic(a.out, report)
         if final:
             print(f"wrote {a.out}")
+            write_table(a.out)
             plot(results, a.out)
     return report
 

@@ -14,6 +14,9 @@
   interpolated ROC, i.e. its ``brentq`` root, solved exactly here). OpenSphere prints them x100;
   here they are fractions like the accuracy.
 * The "flip" protocol: the embedding of an image plus that of its mirror, L2-normalised.
+* The ROC figure's numbers (``roc_points``, ``tar_at_far_on_roc``, ``resolvable_fars``): the pooled
+  ROC of the cosine scores of all pairs (no folds), and TAR at a FAR as the highest TAR whose FAR does
+  not exceed it; a FAR below ``1 / impostor pairs`` is not resolved by the set and is not reported.
 
 No scipy / sklearn needed; ``tests/unit/test_verification.py`` checks closed-form cases.
 """
@@ -41,14 +44,21 @@ __all__ = [
     "interp1d_slinear",
     "l2_normalize",
     "format_table",
+    "roc_points",
+    "tar_at_far_on_roc",
+    "resolvable_fars",
+    "far_label",
     "ACC_THRESHOLDS",
     "VAL_THRESHOLDS",
+    "QUOTED_FARS",
 ]
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 """insightface ``evaluate``: thresholds for the accuracy (squared L2 distance)."""
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 """insightface ``evaluate``: thresholds for VAL@FAR."""
+QUOTED_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+"""The FARs TAR is quoted at (IJB-B/C tables, MFR's 1e-6, LFW-style VAL@FAR=1e-3): the marks of a ROC figure."""
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -180,6 +190,66 @@ def auc_eer(labels, scores) -> tuple[float, float]:
     return float(trapezoid(tpr, fpr)), _eer_from_roc(fpr, tpr)
 
 
+def far_label(far: float) -> str:
+    """``1e-3 -> "1e-3"``, ``0.002 -> "0.002"`` (JSON keys and figure labels)."""
+    exp = np.log10(far) if far > 0 else np.nan
+    if np.isfinite(exp) and abs(exp - round(exp)) < 1e-9:
+        return f"1e{int(round(exp))}"
+    return f"{far:g}"
+
+
+def resolvable_fars(num_negative: int, fars=QUOTED_FARS) -> list[float]:
+    """The ``fars`` a set of ``num_negative`` impostor pairs resolves: ``far >= 1 / num_negative``.
+
+    Below ``1 / num_negative`` one false accept is already too many, so every threshold the set can
+    measure there has FAR 0: the TAR it would give is the TAR at FAR 0, not at that FAR.
+    """
+    n = int(num_negative)
+    return [float(f) for f in fars if n > 0 and f * n >= 1.0 - 1e-9]
+
+
+def tar_at_far_on_roc(fpr, tpr, far: float) -> float:
+    """TAR at ``far`` on a ROC (``fpr``, ``tpr``): the highest TPR among its points with FPR <= ``far``
+    (the best threshold that does not exceed the FAR; 0.0 when no point does)."""
+    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+    ok = fpr <= far * (1.0 + 1e-12)  # k / n and the literal k/n are the same double; a margin anyway
+    return float(np.max(tpr[ok])) if ok.any() else 0.0
+
+
+def roc_points(labels, scores, fars=QUOTED_FARS, max_points: int = 2000) -> dict:
+    """The ROC of ``scores`` (higher = more alike, e.g. cosines) against ``labels`` (1 genuine), as JSON
+    values: what a ROC figure is drawn from (:mod:`fr_dist.eval.plot`) and regenerated from.
+
+    Returns ``{"far": [...], "tar": [...], "threshold": [...], "num_positive", "num_negative",
+    "tar_at_far": {far_label(f): TAR for the resolvable f of fars}}``. The points are
+    :func:`roc_curve`'s (sklearn's rules, collinear points dropped), in increasing FAR from (0, 0)
+    (threshold None: sklearn's ``inf``). A ROC of more than ``max_points`` points keeps, for
+    the resolvable ``fars`` and FARs spaced evenly in log between ``1 / num_negative`` and 1
+    (``max_points`` in all with the first and last point), the point of highest TAR not above each
+    one, so TAR at those FARs is unchanged.
+    """
+    y = np.asarray(labels).astype(bool).ravel()
+    fpr, tpr, thr = roc_curve(y, scores)
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        raise ValueError("a ROC needs both genuine (1) and impostor (0) pairs")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    marks = resolvable_fars(n_neg, fars)
+    tar_at = {far_label(f): tar_at_far_on_roc(fpr, tpr, f) for f in marks}
+    if fpr.size > max_points:
+        grid = np.r_[np.geomspace(1.0 / n_neg, 1.0, max(1, max_points - 2 - len(marks))), marks]
+        last = np.searchsorted(fpr, grid * (1.0 + 1e-12), side="right") - 1  # highest TPR at FPR <= g
+        keep = np.unique(np.r_[0, last, fpr.size - 1])
+        fpr, tpr, thr = fpr[keep], tpr[keep], thr[keep]
+    return {
+        "far": fpr.tolist(),
+        "tar": tpr.tolist(),
+        "threshold": [None if not np.isfinite(t) else float(t) for t in thr],
+        "num_positive": n_pos,
+        "num_negative": n_neg,
+        "tar_at_far": tar_at,
+    }
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows divided by their L2 norm (sklearn ``preprocessing.normalize``: zero rows stay 0)."""
     x = np.asarray(x, dtype=np.float64)
@@ -194,6 +264,7 @@ def evaluate_pairs(
     issame,
     nfolds: int = 10,
     far_target: float = 1e-3,
+    roc: bool = False,
 ) -> dict:
     """insightface 10-fold verification of pairs (``emb1[i]``, ``emb2[i]``), [N, D] each.
 
@@ -201,7 +272,9 @@ def evaluate_pairs(
 
     Returns python floats: ``accuracy``, ``accuracy_std``, ``threshold`` (mean best squared-L2
     threshold), ``val_at_far_1e-3`` (VAL at ``far_target``), ``val_std``, ``far`` (mean test
-    FAR at the VAL thresholds), ``auc``, ``eer``; and ``pairs`` (int).
+    FAR at the VAL thresholds), ``auc``, ``eer``; and ``pairs`` (int). With ``roc``, also ``roc``:
+    :func:`roc_points` of the cosine similarities of all the pairs (the pooled ROC; the numbers above
+    are cross-validated over the folds).
     """
     emb1 = np.asarray(emb1, dtype=np.float64)
     emb2 = np.asarray(emb2, dtype=np.float64)
@@ -232,7 +305,7 @@ def evaluate_pairs(
 
     cos = np.sum(emb1 * emb2, axis=1)  # [N] cosine similarity of the normalised embeddings
     auc, eer = auc_eer(actual, cos)
-    return {
+    out = {
         "accuracy": float(np.mean(accs)),
         "accuracy_std": float(np.std(accs)),
         "threshold": float(np.mean(best_thresholds)),
@@ -243,6 +316,9 @@ def evaluate_pairs(
         "eer": eer,
         "pairs": int(n),
     }
+    if roc:
+        out["roc"] = roc_points(actual, cos)
+    return out
 
 
 # ----------------------------------------------------------------------------- .bin files
@@ -355,11 +431,13 @@ def verify_bin(
     nfolds: int = 10,
     group=None,
     image_size: Optional[int] = None,
+    roc: bool = False,
 ) -> dict:
     """Evaluate ``model`` on one ``.bin`` file: ``{"flip": results, "noflip": results, "name": stem}``.
 
     Collective: every rank of ``group`` must call it (each embeds a slice). ``results`` are
-    :func:`evaluate_pairs` dicts; "flip" is insightface's reported protocol.
+    :func:`evaluate_pairs` dicts (with their ``roc`` points when ``roc``); "flip" is insightface's
+    reported protocol.
     """
     rank, world = comm.world_info(group)
     size = image_size or getattr(_unwrap(model), "input_size", 112)
@@ -367,6 +445,6 @@ def verify_bin(
     noflip, flipsum = embed_images(model, images, batch_size, device, True, rank, world, group)
     out = {}
     for name, emb in (("flip", l2_normalize(flipsum)), ("noflip", l2_normalize(noflip))):
-        out[name] = evaluate_pairs(emb[0::2], emb[1::2], issame, nfolds=nfolds)  # [N, D] each
+        out[name] = evaluate_pairs(emb[0::2], emb[1::2], issame, nfolds=nfolds, roc=roc)  # [N, D] each
     out["name"] = Path(path).stem
     return out

@@ -14,7 +14,8 @@ from fr_dist.heads.losses.partial_fc import MarginSoftmax, PartialFCHead
 from fr_dist.heads.losses.sphereface2 import SphereFace2, SphereFace2Head, sphereface2_bias_init
 from fr_dist.heads.registry import head_class, list_losses
 from fr_dist.heads.sharded import OptimizerContract, ShardedClassifier, init_weight_rows
-from fr_dist.heads.softmax import SoftmaxHead, distributed_cross_entropy
+from fr_dist.heads.softmax import SoftmaxHead
+from fr_dist.heads.softmax_ce import distributed_cross_entropy
 
 __all__ = [
     "SphereFace2Head",

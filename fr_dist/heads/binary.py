@@ -1,16 +1,21 @@
 """The binary family: a loss with one term per (sample, class) logit and no normaliser, run as ONE fused,
 chunked pass over the shard's classes; the [N, n] cosine block is never materialised.
 
-A binary loss (:class:`BinaryLoss`; SphereFace2 in heads/losses/sphereface2.py) is, for N = W*B gathered
+A binary loss (:class:`BinaryLoss`; SphereFace2 and UniFace in heads/losses/) is, for N = W*B gathered
 rows, with a bias b shared by all classes::
 
     L = sum_i [ w_pos softplus(-z_iy) + w_neg sum_{j != y_i} softplus(z_ij) ]
     z_ij = k_z clip(c_ij + 1)^t + z0        negatives: one closed form (this pass and its Triton kernel)
     z_iy = the loss's target logit          targets (at most N per step): any formula, with its derivative
 
+z0 holds b (d z / d b = ``bias_sign``: +1 SphereFace2, -1 UniFace). The clip is the cosine's (SphereFace2's
+A / M margins: b still gets the gradient of a clipped entry) or the logit's (``clip_logit``, UniFace's
+clamp of z to [-s, s]; exact for t = 1: a clipped entry gives no gradient to the cosine nor to b).
+
 Per chunk of ``c`` classes (D = embedding size)::
 
     w      = rows of the chunk, normalised IN PLACE (OpenSphere re-projects every forward)   [c, D]
+             (or, ``project_rows=False``, a unit copy w_hat beside the raw rows: F.normalize)
     cos    = x_hat @ w^T                                                    GEMM 1     [N, c]
     negatives: z, softplus(z) summed, sigmoid(z) -> Q (:meth:`BinaryStages.negatives_`, or one Triton
                kernel, :mod:`fr_dist.heads.binary_triton`, its eager twin's twin)           [N, c]
@@ -26,9 +31,12 @@ backward multiplies them by ``grad_out``. With an in-pass update (``plan.optimiz
 inside the forward (the [n, D] gradient is never allocated); that update assumes ``grad_out == 1``, which
 the trainer guarantees (the head's optimizer contract: grad_accum = 1, no fp16 GradScaler).
 
-Semantics (OpenSphere's): the rows used are ``W / |W|``, written back in place; ``weight.grad`` (no in-pass
-update) is dL/dW_used; an update computes exactly what ``torch.optim.SGD`` / ``AdamW``
-(:mod:`fr_dist.heads.row_optim`) would on those unit rows with that gradient. Per-row state is gathered per
+Semantics (OpenSphere's, ``BinaryLoss.project_rows``): the rows used are ``W / |W|``, written back in place;
+``weight.grad`` (no in-pass update) is dL/dW_used; an update computes exactly what ``torch.optim.SGD`` /
+``AdamW`` (:mod:`fr_dist.heads.row_optim`) would on those unit rows with that gradient. With
+``project_rows=False`` (UniFace's F.normalize) the stored rows are never re-projected: ``weight.grad`` is
+dL/dW_raw = (g - (g . w_hat) w_hat) / max(|w|, eps) for g = dL/dw_hat, and an update steps the raw rows
+with it, as ``torch.optim`` would on a head that normalises in its forward. Per-row state is gathered per
 chunk into chunk-sized fp32 temporaries when it is stored in another dtype (bf16) or the rows are sampled,
 updated in fp32 and written back: no [n, D] temporary exists. With negative sampling the update is lazy:
 rows not used in a step keep their values and their state (like SparseAdam / LazyAdam).
@@ -97,6 +105,13 @@ class BinaryCoefficients:
     lo_u: float
     hi_u: float
     exact: bool  # gradient through the power v^t (else d logit / d cos = r, straight through)
+    # the clip is the LOGIT's, bias included (UniFace clamps z to [-s, s]): a clipped entry gives no
+    # gradient to b either (SphereFace2's clips are on the cosine, before b). Needs clip and exact.
+    clip_logit: bool = False
+
+    def __post_init__(self):
+        if self.clip_logit and not (self.clip and self.exact):
+            raise ValueError("BinaryCoefficients: clip_logit needs clip=True and exact=True")
 
 
 class BinaryLoss:
@@ -107,6 +122,23 @@ class BinaryLoss:
 
     family = "binary"
     bias_metric = "bias"
+    bias_sign = 1.0
+    """d z / d b: +1 (SphereFace2: z = ... + b) or -1 (UniFace: z = ... - b, the paper's b kept as it is)."""
+    project_rows = True
+    """True: OpenSphere's in-place re-projection of the rows onto the unit sphere every forward, outside
+    autograd (``weight.grad`` = dL/dW_used); False: the rows are normalised differentiably (F.normalize),
+    the stored rows are left as they are, ``weight.grad`` is dL/dW_raw, the radial projection included
+    ((g - (g . w_hat) w_hat) / max(|w|, eps)), and the in-pass update steps the raw rows with it."""
+    norm_eps = 1e-12
+    """eps of the embedding and row normalisations, x / max(|x|, eps)."""
+    clip_logit = False
+    """The negatives' clip and the target's clamp are on the logit, bias included: a clipped entry passes
+    no gradient to b (:attr:`BinaryCoefficients.clip_logit`; the target's :meth:`target_slope` is then the
+    0/1 mask of its clamp and multiplies its dL/db too)."""
+
+    def weight_init_std(self, embedding_size: int) -> float:
+        """Std of the N(0, std^2) initial rows (fr_dist's 0.01 unless the loss's own code says otherwise)."""
+        return 0.01
 
     def initial_bias(self, num_classes: int) -> float:
         """b before training, from the GLOBAL number of classes."""
@@ -120,7 +152,7 @@ class BinaryLoss:
         """[P] target cosines -> their logits z_t [P] (differentiable: the tests' reference uses it)."""
         raise NotImplementedError
 
-    def target_slope(self, cos_t: torch.Tensor):
+    def target_slope(self, cos_t: torch.Tensor, bias: float):
         """d (margin value) / d cos on the [P] targets, or 1.0 where the gradient is straight through."""
         raise NotImplementedError
 
@@ -147,8 +179,9 @@ class BinaryStages:
         buffers ``p`` (v^(t-1)) and ``s`` (softplus). ``targets`` = (rows [P], columns [P]) of the target
         entries (not negatives), ``col_weight`` [c] or None (1/p of sampled columns), ``z0_t`` z0 as a 0-dim
         tensor on u's device. With ``grads`` u ends as dL/dz / w_neg (times v^(t-1) and the inside-the-clip
-        mask when ``exact``, times col_weight), zero on the targets. Returns the loss and dL/db of the
-        negatives (fp64 scalars)."""
+        mask when ``exact``, times col_weight), zero on the targets. Returns the loss and sum dL/dz of the
+        negatives (fp64 scalars; dL/db where ``bias_sign`` = 1; the inside-the-clip entries only where
+        ``clip_logit``)."""
         pr, pc = targets
         if co.clip:
             u.add_(1.0).clamp_(co.lo_u, co.hi_u)
@@ -162,11 +195,13 @@ class BinaryStages:
         loss = co.w_neg * (s.sum() if col_weight is None else s.sum(0) @ col_weight).double()
         u.sigmoid_()  # Q = sigmoid(z) = dL/dz / w_neg
         u[pr, pc] = 0.0
+        if co.clip_logit:
+            u.mul_(mask)  # the logit's clip: no gradient outside it, to b either
         grad_b = co.w_neg * (u.sum() if col_weight is None else u.sum(0) @ col_weight).double()
         if grads:
             if co.exact:
                 u.mul_(p)
-                if mask is not None:
+                if mask is not None and not co.clip_logit:
                     u.mul_(mask)
             if col_weight is not None:
                 u.mul_(col_weight)  # 1/p on sampled negatives' columns (1 on positive classes)
@@ -179,9 +214,17 @@ class BinaryStages:
         return loss, -w_pos * torch.sigmoid(-z_t)
 
     @staticmethod
-    def target_grad(dz_t, cos_t, loss: BinaryLoss, co: BinaryCoefficients) -> torch.Tensor:
+    def target_bias_grad(dz_t, cos_t, loss: BinaryLoss, bias: float) -> torch.Tensor:
+        """dL/dz [P] of the targets -> their sum dL/dz (fp64; the clamp's mask applied where
+        ``loss.clip_logit``): dL/db of the targets times ``bias_sign``."""
+        if loss.clip_logit:
+            dz_t = dz_t * loss.target_slope(cos_t, bias)
+        return dz_t.sum().double()
+
+    @staticmethod
+    def target_grad(dz_t, cos_t, loss: BinaryLoss, co: BinaryCoefficients, bias: float) -> torch.Tensor:
         """dL/dz [P] of the targets -> the value their entries of u take (dL/dcos / alpha) [P]."""
-        slope = loss.target_slope(cos_t)
+        slope = loss.target_slope(cos_t, bias)
         return dz_t * co.r * slope / co.alpha
 
 
@@ -226,6 +269,7 @@ class _FusedBinary(torch.autograd.Function):
 
         co = plan.loss.coefficients(b, plan.batch_size)
         z0_t = torch.full((), co.z0, dtype=cdt, device=dev)  # addcmul's input: a 0-dim tensor on x's device
+        project, eps = plan.loss.project_rows, plan.loss.norm_eps
 
         csize = plan.chunk_size or auto_chunk_size(N, rows_total, D, torch.finfo(cdt).bits // 8, dev.type)
         csize = max(1, min(csize, max(rows_total, 1)))
@@ -239,6 +283,8 @@ class _FusedBinary(torch.autograd.Function):
         tcol_buf = torch.empty(N, dtype=torch.int32, device=dev) if use_triton else None
         convert = W.dtype != cdt or plan.index is not None
         w_tmp = torch.empty(csize, D, dtype=cdt, device=dev) if convert and plan.master is None else None
+        # differentiable normalisation: the chunk's unit rows beside its raw ones [csize, D]
+        wh_tmp = None if project else torch.empty(csize, D, dtype=cdt, device=dev)
         g_tmp = None
         if need_grads and (fused or plan.index is not None):
             g_tmp = torch.empty(csize, D, dtype=cdt, device=dev)
@@ -287,9 +333,15 @@ class _FusedBinary(torch.autograd.Function):
                 wc = w_tmp[:c]
                 wc.copy_(W[lo:hi])
             else:
-                wc = src[lo:hi]  # a view: normalised and updated in place
-            wc.div_(torch.linalg.vector_norm(wc, dim=1, keepdim=True).clamp_min_(1e-12))
-            wc_mm = wc.to(mm) if mm is not None else wc  # [c, D] GEMM operand
+                wc = src[lo:hi]  # a view: normalised (project_rows) and updated in place
+            if project:
+                wc.div_(torch.linalg.vector_norm(wc, dim=1, keepdim=True).clamp_min_(eps))
+                wh = wc
+            else:  # F.normalize(wc): the raw rows stay, their unit copy goes into the GEMMs
+                nrm = torch.linalg.vector_norm(wc, dim=1, keepdim=True)  # [c, 1]
+                den = nrm.clamp_min(eps)  # [c, 1]
+                wh = torch.div(wc, den, out=wh_tmp[:c])  # [c, D]
+            wc_mm = wh.to(mm) if mm is not None else wh  # [c, D] GEMM operand
             # ---- GEMM 1 and the binary terms of the negatives
             u = buf_q[: N * c].view(N, c)
             _mm_into(u, xh_mm, wc_mm.t())  # cos [N, c]
@@ -312,22 +364,24 @@ class _FusedBinary(torch.autograd.Function):
             if pr.numel():
                 loss_t, dz_t = BinaryStages.targets(plan.loss.target_logit(cos_t, b), co.w_pos)
                 loss_acc += loss_t
-                gb_acc += dz_t.sum().double()
+                gb_acc += BinaryStages.target_bias_grad(dz_t, cos_t, plan.loss, b)
             if not need_grads:
                 continue  # evaluation: converted / gathered copies are not written back
             if pr.numel():
-                val = BinaryStages.target_grad(dz_t, cos_t, plan.loss, co)  # [p]
+                val = BinaryStages.target_grad(dz_t, cos_t, plan.loss, co, b)  # [p]
                 u[pr, pc] = val * cw[pc] if cw is not None else val
             # ---- GEMMs 2 and 3
             u_mm = u.to(mm) if mm is not None else u  # [N, c] GEMM operand
             if grad_x is not None:
                 if mm is None:
-                    grad_x.addmm_(u, wc)  # [N, D] += [N, c] @ [c, D]
+                    grad_x.addmm_(u, wh)  # [N, D] += [N, c] @ [c, D]
                 else:
                     grad_x.add_(torch.mm(u_mm, wc_mm))  # fp32 [N, D] += ([N, c] @ [c, D] in mm)
             if fused:
                 g = g_tmp[:c]
                 _mm_into(g, u_mm.t(), xh_a_mm)  # dL/dW_used [c, D]
+                if not project:
+                    _normalize_backward_(g, wh, nrm, den, eps)  # dL/dW_raw [c, D]
                 if plan.update_ok:
                     sb = []  # the chunk's state rows: views of the storage or filled temporaries
                     for st, tmp in states:
@@ -341,12 +395,15 @@ class _FusedBinary(torch.autograd.Function):
                         if tmp is not None:
                             _write_rows(st, lo, hi, ridx, b_)
             elif grad_w is not None:
-                if ridx is None:
-                    _mm_into(grad_w[lo:hi], u_mm.t(), xh_a_mm)  # [c, D]
-                else:
-                    _mm_into(g_tmp[:c], u_mm.t(), xh_a_mm)  # [c, D]
-                    grad_w.index_put_((ridx,), g_tmp[:c])  # rows are unique
+                gw = grad_w[lo:hi] if ridx is None else g_tmp[:c]  # [c, D]
+                _mm_into(gw, u_mm.t(), xh_a_mm)  # dL/dW_used
+                if not project:
+                    _normalize_backward_(gw, wh, nrm, den, eps)  # dL/dW_raw
+                if ridx is not None:
+                    grad_w.index_put_((ridx,), gw)  # rows are unique
             # ---- write the chunk's rows back where they are not a view of the storage
+            if not project and not (fused and plan.update_ok):
+                continue  # differentiable normalisation: the raw rows did not change
             if plan.master is not None:
                 if ridx is not None:
                     plan.master.index_put_((ridx,), wc)
@@ -356,6 +413,8 @@ class _FusedBinary(torch.autograd.Function):
 
         if grad_x is not None:
             grad_x.mul_(co.alpha)
+        if plan.loss.bias_sign != 1.0:
+            gb_acc = gb_acc * plan.loss.bias_sign  # sum dL/dz -> dL/db
         ctx.grad_x, ctx.grad_w = grad_x, grad_w
         ctx.x_dtype, ctx.w_dtype, ctx.b_dtype = x_hat.dtype, weight.dtype, bias.dtype
         ctx.save_for_backward(gb_acc)
@@ -374,6 +433,16 @@ class _FusedBinary(torch.autograd.Function):
             gw = (gw if one else gw * go.to(gw.dtype)).to(ctx.w_dtype)
         g_b = (gb * go.to(gb.dtype)).reshape(1).to(ctx.b_dtype)
         return gx, gw, g_b, None, None
+
+
+def _normalize_backward_(
+    g: torch.Tensor, wh: torch.Tensor, nrm: torch.Tensor, den: torch.Tensor, eps: float
+) -> None:
+    """F.normalize's backward in place: g = dL/dw_hat [c, D] -> dL/dw = (g - (g . w_hat) w_hat) / den for
+    w_hat [c, D], the rows' norms nrm [c, 1] and den = max(nrm, eps) [c, 1] (below eps: g / eps)."""
+    dot = torch.bmm(g.unsqueeze(1), wh.unsqueeze(2)).reshape(-1, 1)  # [c, 1]: g . w_hat per row
+    dot.mul_(nrm >= eps)  # clamp_min passes the norm's gradient where nrm >= eps
+    g.addcmul_(wh, dot, value=-1.0).div_(den)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -6,9 +6,11 @@ Per step the head issues one all-gather (embeddings with labels packed in), one 
 gradients), a 1-element all-reduce of the loss value and a 1-element all-reduce of dL/db (plus the
 optional 3-int shape handshake, ``check_inputs``).
 
-Weight normalisation (as OpenSphere): each forward re-projects the head's own weight rows onto the unit
-sphere in place, outside autograd; the loss uses the (detached) row norms, so ``weight.grad`` is dL/dW_used,
-the gradient w.r.t. the unit-norm rows.
+Weight normalisation (as OpenSphere, ``BinaryLoss.project_rows``): each forward re-projects the head's own
+weight rows onto the unit sphere in place, outside autograd; the loss uses the (detached) row norms, so
+``weight.grad`` is dL/dW_used, the gradient w.r.t. the unit-norm rows. A loss with ``project_rows=False``
+(UniFace) normalises differentiably instead (F.normalize with the loss's ``norm_eps``): the rows are never
+modified by a forward and ``weight.grad`` is dL/dW_raw.
 
 Two paths, on the same stages (:class:`~fr_dist.heads.binary.BinaryStages`): ``fused=True`` (default) the
 chunked single pass of heads/binary.py (+ its Triton kernel, optional in-pass row update, negative
@@ -87,9 +89,11 @@ class _BinaryBlock(torch.autograd.Function):
             loss_n, gb_n = BinaryStages.negatives_(u, p, s, (pr, pc), None, co, z0_t, grads=True)
             loss_t, dz_t = BinaryStages.targets(loss.target_logit(cos_t, b), co.w_pos)
             loss_acc += loss_n + loss_t
-            gb_acc += gb_n + dz_t.sum().double()
-            u[pr, pc] = BinaryStages.target_grad(dz_t, cos_t, loss, co)
+            gb_acc += gb_n + BinaryStages.target_bias_grad(dz_t, cos_t, loss, b)
+            u[pr, pc] = BinaryStages.target_grad(dz_t, cos_t, loss, co, b)
             grad_cos[lo : lo + step] = u.mul_(co.alpha).to(cos.dtype)
+        if loss.bias_sign != 1.0:
+            gb_acc = gb_acc * loss.bias_sign  # sum dL/dz -> dL/db
         ctx.save_for_backward(grad_cos, gb_acc)
         ctx.bias_dtype = bias.dtype
         return loss_acc.to(cos.dtype)
@@ -156,6 +160,7 @@ class BinaryHead(ShardedClassifier):
             num_classes,
             process_group=process_group,
             seed=seed,
+            init_std=loss.weight_init_std(embedding_size),
             embedding_grad_scale=embedding_grad_scale,
             check_inputs=check_inputs,
             check_finite=check_finite,
@@ -262,7 +267,8 @@ class BinaryHead(ShardedClassifier):
 
     @torch.no_grad()
     def renormalize_(self) -> None:
-        """Project the weight rows back onto the unit sphere (OpenSphere does this every forward)."""
+        """Project the weight rows back onto the unit sphere (OpenSphere does this every forward; a loss with
+        ``project_rows=False`` never asks for it)."""
         if self.num_local:
             self.weight.copy_(F.normalize(self.weight, dim=1))
 
@@ -271,7 +277,7 @@ class BinaryHead(ShardedClassifier):
             return self._forward_block(embeddings, labels)
         x_all, labels_all = self.gather(embeddings, labels)  # [W*B, D], [W*B]
         target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
-        x_hat = F.normalize(x_all, dim=1)  # [W*B, D]
+        x_hat = F.normalize(x_all, dim=1, eps=self.loss.norm_eps)  # [W*B, D]
         bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce
         do_update = self.fused_update and self.training and torch.is_grad_enabled()
         plan = BinaryPlan(
@@ -314,12 +320,17 @@ class BinaryHead(ShardedClassifier):
 
     def _forward_block(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The materialised path: cos [W*B, n] and dL/dcos (kept for comparison)."""
-        self.renormalize_()
+        eps = self.loss.norm_eps
+        if self.loss.project_rows:
+            self.renormalize_()
         x_all, labels_all = self.gather(embeddings, labels)  # [W*B, D], [W*B]
         target_col = self.local_targets(labels_all)  # [W*B] in [-1, n_r)
-        x_hat = F.normalize(x_all, dim=1)  # [W*B, D]
+        x_hat = F.normalize(x_all, dim=1, eps=eps)  # [W*B, D]
         w = self.weight
-        w_hat = w / w.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n_r, D]
+        if self.loss.project_rows:
+            w_hat = w / w.detach().norm(dim=1, keepdim=True).clamp_min(eps)  # [n_r, D]
+        else:
+            w_hat = F.normalize(w, dim=1, eps=eps)  # [n_r, D], differentiable: dL/dW_raw
         cos = F.linear(x_hat, w_hat)  # [W*B, n_r] (bf16 under autocast)
         cos = cos.float() if cos.dtype in (torch.bfloat16, torch.float16) else cos
         bias = comm.copy_to_shards(self.bias, self.process_group, name="bias")  # bwd: 1-elem all-reduce

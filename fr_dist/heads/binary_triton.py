@@ -3,13 +3,15 @@
 After GEMM 1 the chunk's cosines ``u`` [N, c] go through, per element (its eager twin,
 :meth:`fr_dist.heads.binary.BinaryStages.negatives_`, does it with ~8 torch ops and three [N, c] buffers);
 the scalars and the constexpr flags are the loss's :class:`~fr_dist.heads.binary.BinaryCoefficients`
-(``clip`` is its margin's: SphereFace2's A / M clip, C does not)::
+(``clip`` is its margin's: SphereFace2's A / M clip, C does not; CLIP = 2 is ``clip_logit``, UniFace's
+clamp of the logit, bias included)::
 
     v  = clip(u + 1)                          (a clipping margin: OpenSphere's arccos / cos round trip)
     p  = v^(t-1)
     z  = z0 + k_z * v * p                      the negative logit, closed form
     softplus(z), sigmoid(z)                    one exp shared by both
-    column sums of softplus and sigmoid        (target entries, at most one per row, excluded)
+    column sums of softplus and sigmoid        (target entries, at most one per row, excluded; with
+                                               CLIP = 2 the sigmoid's clipped entries too: dL/db)
     u <- sigmoid(z) [* p * inside(v)] [* col_weight]   dL/dz / w_neg, what GEMMs 2 and 3 read
 
 One program owns BLOCK_C columns and walks all N rows (no atomics): the column sums, and so the
@@ -114,14 +116,17 @@ def binary_negatives(
         tcol = tl.load(tcol_ptr + rows, mask=rmask, other=-1)  # [BLOCK_N] target column or -1
         keep = m & (cols[None, :] != tcol[:, None])  # targets are not negatives
         sp = tl.where(keep, sp, 0.0)
-        q = tl.where(keep, q, 0.0)
+        if CLIP == 2:  # the logit's clip (clip_logit): no gradient outside it, to the bias either
+            q = tl.where(keep & (v > lo_u) & (v < hi_u), q, 0.0)
+        else:
+            q = tl.where(keep, q, 0.0)
         acc_sp += tl.sum(sp, axis=0)
         acc_q += tl.sum(q, axis=0)
         if GRADS:
             g = q
             if EXACT:
                 g = g * p
-                if CLIP:
+                if CLIP == 1:  # (CLIP == 2: q is masked already)
                     g = tl.where((v > lo_u) & (v < hi_u), g, 0.0)
             if HAS_CW:
                 g = g * cw[None, :]
@@ -165,7 +170,7 @@ def negative_terms_(
         tm1,
         float(co.lo_u),
         float(co.hi_u),
-        CLIP=bool(co.clip),
+        CLIP=2 if co.clip_logit else bool(co.clip),
         EXACT=bool(co.exact),
         HAS_CW=col_weight is not None,
         GRADS=bool(grads),

@@ -12,6 +12,11 @@ Parameter counts (512-d embedding, 112x112, ``tests/unit/test_models.py`` assert
 
 (trainable ones are 512 fewer: the fixed ``features.weight``.)
 
+``iresnet2060`` is insightface's ``backbones/iresnet2060.py`` (layers 3, 128, 896, 3: 1,122,301,120
+parameters), same keys. As insightface's, it recomputes its activations in training: stage 2 in 20
+and stage 3 in 100 ``checkpoint_sequential``-style segments (the last segment of each stage is kept),
+the ``checkpoint_segments`` argument of :class:`IResNet`.
+
 ``iresnet(layers, width, stem_stride)`` builds the same family at other depths and widths; the CPU
 demo uses ``layers=[1, 1, 1, 1], width=16, stem_stride=2`` (registered as ``iresnet_tiny``).
 """
@@ -33,7 +38,9 @@ __all__ = [
     "iresnet",
     "iresnet_tiny",
     "iresnet_depth",
+    "iresnet2060",
     "IRESNET_LAYERS",
+    "IRESNET2060_LAYERS",
     "checkpoint_stage",
     "conv_output_size",
 ]
@@ -45,6 +52,9 @@ IRESNET_LAYERS: dict[int, list[int]] = {
     100: [3, 13, 30, 3],
     200: [6, 26, 60, 6],
 }
+# insightface backbones/iresnet2060.py, and the checkpoint_sequential segments its forward uses in training
+IRESNET2060_LAYERS: list[int] = [3, 128, 1024 - 128, 3]
+IRESNET2060_SEGMENTS: tuple[int, ...] = (0, 20, 100, 0)
 
 
 def conv_output_size(n: int, stride: int) -> int:
@@ -137,6 +147,7 @@ class IResNet(nn.Module):
         stem_stride: int = 1,
         activation_checkpointing: bool = False,
         zero_init_residual: bool = False,
+        checkpoint_segments: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         layers = [int(n) for n in layers]
@@ -146,6 +157,10 @@ class IResNet(nn.Module):
             raise ValueError(f"iresnet width and stem_stride must be >= 1, got {width}, {stem_stride}")
         self.embedding_size, self.input_size = int(embedding_size), int(input_size)
         self.activation_checkpointing = activation_checkpointing
+        segments = [0] * 4 if checkpoint_segments is None else [int(n) for n in checkpoint_segments]
+        if len(segments) != 4 or min(segments) < 0:
+            raise ValueError(f"iresnet checkpoint_segments must be 4 counts >= 0, got {segments}")
+        self.checkpoint_segments = segments
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
@@ -186,15 +201,24 @@ class IResNet(nn.Module):
         layers += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+    def _stage(self, stage: nn.Sequential, segments: int, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return stage(x)
+        if segments > 0:  # torch.utils.checkpoint.checkpoint_sequential's split: the last segment is kept
+            size = len(stage) // segments
+            end = size * (segments - 1)
+            for start in range(0, end, max(size, 1)):
+                x = checkpoint_stage(stage[start : start + size], x)
+            return stage[end:](x)
+        if self.activation_checkpointing:
             return checkpoint_stage(stage, x)
         return stage(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(x)))  # [N, 3, S, S] -> [N, w, S/st, S/st]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = self._stage(stage, x)  # spatial / 2 per stage -> [N, 8w, 7, 7]
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        for stage, segments in zip(stages, self.checkpoint_segments):
+            x = self._stage(stage, segments, x)  # spatial / 2 per stage -> [N, 8w, 7, 7]
         x = self.bn2(x)
         x = torch.flatten(x, 1)  # [N, 8w, 7, 7] -> [N, 8w*49]
         x = self.dropout(x)
@@ -226,6 +250,14 @@ def iresnet_tiny(**kwargs) -> IResNet:
     kwargs.setdefault("width", 16)
     kwargs.setdefault("stem_stride", 2)
     return iresnet(**kwargs)
+
+
+@forwards_to(IResNet)
+def iresnet2060(**kwargs) -> IResNet:
+    """insightface ``iresnet2060``: layers (3, 128, 896, 3), stages 2 and 3 recomputed in 20 / 100 segments."""
+    kwargs.setdefault("layers", IRESNET2060_LAYERS)
+    kwargs.setdefault("checkpoint_segments", IRESNET2060_SEGMENTS)
+    return IResNet(**kwargs)
 
 
 def iresnet_depth(depth: int) -> Callable[..., IResNet]:

@@ -4,6 +4,7 @@
 
     net = create_backbone("iresnet50")                      # insightface r50, 512-d, 112x112
     net = create_backbone("iresnet", layers=[1, 1, 1, 1], width=16, stem_stride=2)  # CPU demo
+    net = create_backbone("vit_t", mask_ratio=0.0)           # insightface ViT-T, its arguments as kwargs
     net = create_backbone("timm/convnext_atto", embedding_size=256)  # needs the ``timm`` extra
 
 Every backbone maps ``[N, 3, input_size, input_size]`` images in [-1, 1] to ``[N, embedding_size]``
@@ -176,7 +177,7 @@ class ModelConfig:
     """``model``: what :func:`build_backbone` builds; name and arguments checked as it checks them."""
 
     name: str = "iresnet50"
-    """Backbone registry name: iresnet18/34/50/100/200, iresnet (configurable), mobilefacenet, timm/<name>."""
+    """Backbone registry name: iresnet18/34/50/100/200/2060, iresnet (configurable), mobilefacenet, vit_t/s/b/l/h (and insightface's vit_*_dp005_mask* variants), timm/<name>."""
     embedding_size: int = Field(512, gt=0)
     """Embedding dimension D."""
     input_size: int = Field(112, gt=0)
@@ -188,7 +189,7 @@ class ModelConfig:
     channels_last: bool = False
     """Use channels-last memory format (faster convolutions on recent GPUs)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra backbone constructor arguments (e.g. layers, width, stem_stride for `iresnet`)."""
+    """Extra backbone constructor arguments (e.g. layers, width, stem_stride for `iresnet`; embed_dim, depth, num_heads, mask_ratio for `vit_*`)."""
 
     @field_validator("name")
     @classmethod

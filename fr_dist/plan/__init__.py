@@ -13,11 +13,14 @@ One module per job:
 
 * :mod:`~fr_dist.plan.config`: the inputs (:class:`PlanConfig`) and the table of the training keys that give
   them (:data:`RECIPE_KEYS`);
+* :mod:`~fr_dist.plan.losses`: what it reads of a loss, from the registry alone: its family, the collectives
+  a step of its head sends (the family's + the loss's ``extra_collectives``), its state and norm vector;
 * :mod:`~fr_dist.plan.hardware`: the GPU profiles, the ``cpu`` profile, YAML profiles;
 * :mod:`~fr_dist.plan.backbones`: parameters, FLOPs and activation bytes per image of each backbone;
 * :mod:`~fr_dist.plan.memory`: the heads' buffer counts, memory per GPU, the largest K that fits;
 * :mod:`~fr_dist.plan.timing`: the step time model and where Partial FC's softmax all-reduces matter;
-* :mod:`~fr_dist.plan.report`: one plan, both heads side by side, the printed table;
+* :mod:`~fr_dist.plan.report`: one plan, the requested head beside the two baselines (SphereFace2, Partial
+  FC), the printed table with each head's collectives and loss notes;
 * :mod:`~fr_dist.plan.measure`: ``--measure``, the host rates of the ``cpu`` profile timed here;
 * :mod:`~fr_dist.plan.cli`: the ``fr-dist plan`` command line.
 
@@ -26,10 +29,11 @@ Validated on this machine's CPU against benchmarks/classifier.py with rates meas
 fitted figure (``conv_efficiency``; benchmarks/plan_validation.py).
 """
 
+from fr_dist.plan import config as _config
 from fr_dist.plan.backbones import BACKBONES, backbone_info
 from fr_dist.plan.config import (
+    BASELINES,
     DTYPE_BYTES,
-    HEADS,
     PFC_IMPLS,
     RECIPE_KEYS,
     PlanConfig,
@@ -37,6 +41,15 @@ from fr_dist.plan.config import (
     plan_config_from_training,
 )
 from fr_dist.plan.hardware import CPU_DEFAULT, HARDWARE, GiB, Hardware, MiB, load_hardware
+from fr_dist.plan.losses import (
+    describe_losses,
+    extra_collectives,
+    loss_family,
+    loss_notes,
+    n_allreduces,
+    norm_aware,
+    step_collectives,
+)
 from fr_dist.plan.measure import measure_cpu_profile, measure_rates
 from fr_dist.plan.memory import (
     SF2_CHUNK_ROWS,
@@ -58,7 +71,7 @@ __all__ = [
     "CPU_DEFAULT",
     "BACKBONES",
     "DTYPE_BYTES",
-    "HEADS",
+    "BASELINES",
     "PFC_IMPLS",
     "RECIPE_KEYS",
     "GiB",
@@ -84,4 +97,18 @@ __all__ = [
     "format_table",
     "measure_rates",
     "measure_cpu_profile",
+    "loss_family",
+    "extra_collectives",
+    "norm_aware",
+    "n_allreduces",
+    "step_collectives",
+    "loss_notes",
+    "describe_losses",
 ]
+
+
+def __getattr__(name: str):
+    """``HEADS``: the registered losses at the time of asking (fr_dist.plan.config.HEADS)."""
+    if name == "HEADS":
+        return _config.HEADS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

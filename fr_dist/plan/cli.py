@@ -4,6 +4,13 @@
     fr-dist plan --config configs/ms1mv3_r50_sf2.yaml --nodes 4 --batch-size 256 --json
     fr-dist plan --num-classes 100M --embedding-size 512 --gpus-per-node 8 --head sphereface2 \\
         --proxy-dtype bf16 --fused-update --hardware h100-80gb
+    fr-dist plan --config configs/ms1mv3_r50_curricularface.yaml --nodes 2
+    fr-dist plan --list-heads
+
+``--head`` takes every loss of the registry (fr_dist.heads.list_heads(); an unknown name is an error that
+lists them); the plan is its family's (memory, step time, collectives) plus the loss's own
+``extra_collectives``, printed with the head's collectives and its notes, beside the two baselines
+(SphereFace2, Partial FC).
 
 With ``--config`` the recipe gives every input it has (``fr_dist.plan.config.RECIPE_KEYS``); a flag given
 explicitly overrides it. A flag named after the training key it mirrors keeps its older planner name as
@@ -20,6 +27,7 @@ import dataclasses
 import json
 import sys
 
+from fr_dist.heads import list_heads
 from fr_dist.plan.config import (
     RECIPE_KEYS,
     PlanConfig,
@@ -29,6 +37,7 @@ from fr_dist.plan.config import (
     recipe_notes,
 )
 from fr_dist.plan.hardware import HARDWARE, SHORT_NAMES, load_hardware
+from fr_dist.plan.losses import describe_losses
 from fr_dist.plan.measure import measure_cpu_profile
 from fr_dist.plan.report import format_table, side_by_side
 from fr_dist.train.config_load import load_config
@@ -50,11 +59,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
     def option(field: str, *flags: str, default_text: str | None = None, **kw) -> None:
         """A flag for PlanConfig ``field``: None unless given (then the recipe's value or the default)."""
-        if "action" not in kw and choices(field):
+        if "action" not in kw and "choices" not in kw and choices(field):
             kw["choices"] = choices(field)
         default = default_text or str(getattr(defaults, field))
         if field in from_recipe:
-            default = f"the recipe's {from_recipe[field].format(head='<head.name>')}, else {default}"
+            key = from_recipe[field].format(
+                head="<head.name>", binary="<binary head>", softmax="<softmax head>"
+            )
+            default = f"the recipe's {key}, else {default}"
         kw["help"] = f"{kw.get('help', '')} (default: {default})".lstrip()
         p.add_argument(*flags, dest=field, default=None, **kw)
 
@@ -70,7 +82,18 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     option("gpus_per_node", "--gpus-per-node", type=int, metavar="G")
     option("nodes", "--nodes", type=int, metavar="N")
     option("batch", "--batch-size", "--batch", type=int, metavar="B", help="images per GPU per step")
-    option("head", "--head")
+    option(
+        "head",
+        "--head",
+        metavar="NAME",
+        choices=None,  # checked against the registry when planned: the error lists the known names
+        help=f"loss (registry name): {', '.join(list_heads())}",
+    )
+    p.add_argument(
+        "--list-heads",
+        action="store_true",
+        help="list every registered loss: family, extra collectives, state",
+    )
     option("sample_rate", "--sample-rate", type=float, metavar="RATE", help="negative-class sample rate")
     option(
         "chunk_size",
@@ -78,6 +101,13 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="C",
         help="SphereFace2 classes per chunk (0: as the head picks)",
+    )
+    option(
+        "softmax_chunk",
+        "--softmax-chunk",
+        type=int,
+        metavar="C",
+        help="softmax family (fr_dist head): classes per chunk of the online softmax (0: materialised block)",
     )
     option("proxy_dtype", "--proxy-dtype", help="SphereFace2 proxy storage")
     option("fused_update", "--fused-update", action="store_true", help="SphereFace2: update inside the pass")
@@ -136,7 +166,24 @@ def plan_inputs(a) -> tuple[PlanConfig, dict | None]:
     return cfg, dict(config=a.config, overrides=overrides, not_modeled=recipe_notes(training))
 
 
+def _list_heads(as_json: bool) -> int:
+    rows = describe_losses()
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        extra = ", ".join(r["extra_collectives"]) or "-"
+        state = ", ".join(r["state"]) or "-"
+        print(
+            f"{r['name']:16s} {r['family']:8s} [N] all-reduces {r['n_allreduces']} (extra: {extra}); "
+            f"norm-aware {'yes' if r['norm_aware'] else 'no'}; state {state}"
+        )
+    return 0
+
+
 def run_plan_cli(a) -> int:
+    if getattr(a, "list_heads", False):
+        return _list_heads(a.json)
     try:
         cfg, recipe = plan_inputs(a)
         measured = None

@@ -12,26 +12,35 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Callable, Literal, get_args, get_origin, get_type_hints
 
-from fr_dist.heads import head_class  # the package import registers every loss
+from fr_dist.heads import list_heads  # the package import registers every loss
+from fr_dist.plan.losses import loss_family
 
 __all__ = [
     "PlanConfig",
     "DTYPE_BYTES",
-    "HEADS",
+    "BASELINES",
     "PFC_IMPLS",
     "RECIPE_KEYS",
     "parse_count",
     "choices",
+    "recipe_key",
     "plan_config_from_training",
     "recipe_notes",
 ]
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-Head = Literal["sphereface2", "partial_fc"]
 PfcImpl = Literal["v2", "v1", "fr_dist"]
-HEADS: tuple[str, ...] = get_args(Head)
 PFC_IMPLS: tuple[str, ...] = get_args(PfcImpl)
+# the side-by-side baselines of every plan: the binary family's product and the softmax family's reference
+BASELINES = ("sphereface2", "partial_fc")
+
+
+def __getattr__(name: str):
+    """``HEADS``: the registered losses now (fr_dist.heads.list_heads), so one registered later counts."""
+    if name == "HEADS":
+        return tuple(list_heads())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _rule(default, text: str, ok: Callable) -> dataclasses.Field:
@@ -46,10 +55,14 @@ class PlanConfig:
     gpus_per_node: int = _rule(8, ">= 1", lambda v: int(v) >= 1)
     nodes: int = _rule(1, ">= 1", lambda v: int(v) >= 1)
     batch: int = _rule(128, ">= 1", lambda v: int(v) >= 1)  # per GPU
-    head: Head = "sphereface2"
+    # a registered loss (fr_dist.heads.list_heads()); the plan is its family's, with its extra collectives
+    head: str = "sphereface2"
     sample_rate: float = _rule(1.0, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
     # SphereFace2 classes per chunk; 0 = as the head picks it (auto_chunk_size, per device)
     chunk_size: int = _rule(0, ">= 0 (0 = automatic)", lambda v: int(v) >= 0)
+    # softmax family, fr_dist's head (pfc_impl fr_dist): classes per chunk of the online softmax; 0 = the
+    # [N, S] block materialised once (the head's chunk_size null)
+    softmax_chunk: int = _rule(0, ">= 0 (0 = materialised)", lambda v: int(v) >= 0)
     # sphereface2 storage of proxies + momentum (Partial FC: always fp32)
     proxy_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     fused_update: bool = True
@@ -75,10 +88,15 @@ class PlanConfig:
     @property
     def binary(self) -> bool:
         """The head's loss is of the binary family (the fused chunked pass), else softmax (Partial FC)."""
-        return _family(self.head) == "binary"
+        return loss_family(self.head) == "binary"
 
     def validate(self) -> None:
-        """Each field's ``Literal`` choices and the rule written beside it."""
+        """Each field's ``Literal`` choices and the rule written beside it; ``head`` a registered loss of a
+        family the planner models (the error lists the known names)."""
+        try:
+            loss_family(self.head)
+        except ValueError as e:
+            raise ValueError(f"head: {e}") from None
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             options = choices(f.name)
@@ -88,9 +106,16 @@ class PlanConfig:
                 raise ValueError(f"{f.name} must be {f.metadata['rule']}, got {value!r}")
 
 
-@cache
 def choices(name: str) -> tuple | None:
-    """The values PlanConfig field ``name`` may take (its ``Literal`` hint), or None when any."""
+    """The values PlanConfig field ``name`` may take (its ``Literal`` hint; ``head``: the registered
+    losses), or None when any."""
+    if name == "head":
+        return tuple(list_heads())
+    return _literal_choices(name)
+
+
+@cache
+def _literal_choices(name: str) -> tuple | None:
     hint = get_type_hints(PlanConfig)[name]
     return get_args(hint) if get_origin(hint) is Literal else None
 
@@ -111,8 +136,11 @@ def parse_count(text) -> int:
 # From a training recipe
 # ---------------------------------------------------------------------------------------------------
 
-# training key -> the PlanConfig field it gives. ``{head}`` is the recipe's head.name. The SphereFace2
-# keys are read whatever the head (the side-by-side plan of the other head uses them).
+# training key -> the PlanConfig field it gives. ``{head}`` is the recipe's head.name; ``{binary}`` the binary
+# head whose fused-pass options are read: the recipe's own when its loss is of the binary family (uniface:
+# head.uniface.*), else sphereface2's (the side-by-side plan of the binary baseline uses them); ``{softmax}``
+# likewise the recipe's own softmax head, else partial_fc. A key the loss's section does not have leaves
+# the planner's default; a null chunk_size of a softmax head is 0 (materialised).
 RECIPE_KEYS: dict[str, str] = {
     "data.num_classes": "identities",  # 0 (= read from the dataset) gives nothing: --num-classes then
     "model.embedding_size": "dim",
@@ -123,14 +151,16 @@ RECIPE_KEYS: dict[str, str] = {
     "head.name": "head",
     "head.dtype": "head_compute",  # fr_dist runs the head outside the backbone's autocast, in head.dtype
     "head.{head}.sample_rate": "sample_rate",
-    "head.sphereface2.chunk_size": "chunk_size",
-    "head.sphereface2.proxy_dtype": "proxy_dtype",
-    "head.sphereface2.fused_update": "fused_update",
-    "head.sphereface2.master_weights": "fp32_master",
-    "head.sphereface2.kernel": "sf2_kernel",
+    "head.{binary}.chunk_size": "chunk_size",
+    "head.{binary}.proxy_dtype": "proxy_dtype",
+    "head.{binary}.fused_update": "fused_update",
+    "head.{binary}.master_weights": "fp32_master",
+    "head.{binary}.kernel": "sf2_kernel",
+    "head.{softmax}.chunk_size": "softmax_chunk",
 }
 
-# What a recipe may set that the model does not plan: (key, is it set, what the plan assumes instead).
+# What a recipe may set that the model does not plan: (key, is it set, what the plan assumes instead). The
+# softmax family's chunked online softmax (head.<softmax loss>.chunk_size) is planned (softmax_chunk).
 _NOT_MODELED: tuple[tuple[str, Callable, str], ...] = (
     ("engine", lambda c: c.engine != "ddp", "the backbone's memory is planned as DDP's (no ZeRO sharding)"),
     (
@@ -140,19 +170,27 @@ _NOT_MODELED: tuple[tuple[str, Callable, str], ...] = (
     ),
     ("model.input_size", lambda c: c.model.input_size != 112, "the backbone is planned at 112x112"),
     ("model.kwargs", lambda c: bool(c.model.kwargs), "the backbone is planned with its default arguments"),
-    (
-        "head.partial_fc.chunk_size",
-        lambda c: c.head.name == "partial_fc" and c.head.partial_fc.chunk_size,
-        "Partial FC's [N, S] block is planned unchunked (an upper bound)",
-    ),
 )
 
+_MISSING = object()
 
-def _get(cfg, key: str):
+
+def _get(cfg, key: str, default=None):
+    """The value of dotted ``key`` in ``cfg``; ``default`` where a part is missing."""
     value = cfg
     for part in key.split("."):
-        value = getattr(value, part)
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            return default
     return value
+
+
+def recipe_key(key: str, head: str) -> str:
+    """A RECIPE_KEYS / not-modelled key with ``{head}``, ``{binary}`` and ``{softmax}`` filled in for ``head``."""
+    binary = loss_family(head) == "binary"
+    return key.format(
+        head=head, binary=head if binary else "sphereface2", softmax="partial_fc" if binary else head
+    )
 
 
 def plan_config_from_training(cfg, nodes: int = 1, gpus_per_node: int = 8, **overrides) -> PlanConfig:
@@ -161,13 +199,18 @@ def plan_config_from_training(cfg, nodes: int = 1, gpus_per_node: int = 8, **ove
     head is fr_dist's own (``pfc_impl="fr_dist"``). ``head.sphereface2.num_negatives`` becomes the
     sample rate it amounts to on the busiest rank."""
     head = cfg.head.name
-    if head not in HEADS:
-        raise ValueError(f"head.name={head!r}: the planner models {HEADS}")
-    values = {fld: _get(cfg, key.format(head=head)) for key, fld in RECIPE_KEYS.items()}
-    if not values["identities"]:
-        del values["identities"]
-    negatives = cfg.head.sphereface2.num_negatives
-    if head == "sphereface2" and negatives and "sample_rate" not in overrides:
+    try:
+        loss_family(head)
+    except ValueError as e:
+        raise ValueError(f"head.name={head!r}: {e}") from None
+    values = {fld: _get(cfg, recipe_key(key, head), _MISSING) for key, fld in RECIPE_KEYS.items()}
+    values = {k: v for k, v in values.items() if v is not _MISSING}
+    if "softmax_chunk" in values:
+        values["softmax_chunk"] = values["softmax_chunk"] or 0  # null: the block materialised
+    if not values.get("identities"):
+        values.pop("identities", None)
+    negatives = _get(cfg, recipe_key("head.{binary}.num_negatives", head), 0)
+    if loss_family(head) == "binary" and negatives and "sample_rate" not in overrides:
         identities = overrides.get("identities", values.get("identities"))
         if identities:
             n_local = -(-int(identities) // (nodes * gpus_per_node))
@@ -186,9 +229,9 @@ def plan_config_from_training(cfg, nodes: int = 1, gpus_per_node: int = 8, **ove
 
 def recipe_notes(cfg) -> list[str]:
     """One line per recipe setting the plan does not model (and what it assumes instead)."""
-    return [f"{key}={_get(cfg, key)!r}: {why}" for key, is_set, why in _NOT_MODELED if is_set(cfg)]
-
-
-@cache
-def _family(head: str) -> str:
-    return head_class(head).loss_cls.family
+    out = []
+    for key, is_set, why in _NOT_MODELED:
+        if is_set(cfg):
+            key = recipe_key(key, cfg.head.name)
+            out.append(f"{key}={_get(cfg, key)!r}: {why}")
+    return out

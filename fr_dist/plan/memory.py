@@ -15,9 +15,15 @@ classes = int(rate * n) or n, c = chunk:
 * ``pfc_impl="v1"`` (insightface arcface_torch 2021 memory bank): proxies + momentum, per active class a
   sub-weight Parameter copy and its momentum copy, an [S, D] gradient (no dense one), fp32 logits with
   the in-place ArcFace margin (autograd keeps clones) -- PFC_V1_LOGIT_BUFFERS.
-* ``pfc_impl="fr_dist"`` (fr_dist's PartialFCHead, the planner's choice for a training recipe): fp32
-  proxies, momentum and dense gradient, one [N, S] block turned into dL/dlogits in place
-  (PFC_FRDIST_LOGIT_BUFFERS) and, when sampling, the [S, D] gathered rows and their gradient.
+* ``pfc_impl="fr_dist"`` (fr_dist's softmax head, every softmax-family loss; the planner's choice for a
+  training recipe): fp32 proxies, momentum and dense gradient, one [N, S] block turned into dL/dlogits in
+  place (PFC_FRDIST_LOGIT_BUFFERS) and, when sampling, the [S, D] gathered rows and their gradient; with
+  ``softmax_chunk`` c > 0 (the chunked online softmax) the block is PFC_FRDIST_CHUNK_BUFFERS fp32 [N, c]
+  + PFC_FRDIST_CHUNK_ROW_BYTES per active class instead (+ PFC_NEGATIVES_CHUNK_BUFFERS [N, c] for a loss
+  with the negatives stage, CurricularFace).
+* ``loss_extras`` (:func:`fr_dist.plan.losses.loss_extra_bytes`): what the loss adds to its family's model,
+  its replicated state buffers, the [N] norm vector of a norm-aware loss (AdaFace, MagFace) and one [N]
+  buffer per extra all-reduce (CurricularFace): bytes, 0 for SphereFace2 / Partial FC.
 * Both: gathered embeddings and their gradient, all-gather / reduce-scatter buffers, backbone fp32
   params + grads + optimizer state + DDP bucket copy, activations (measured bytes/image, halved under
   fp16/bf16 autocast), and a constant framework overhead per hardware profile (CUDA context, cuBLAS /
@@ -32,6 +38,7 @@ from fr_dist.heads.binary import auto_chunk_size
 from fr_dist.plan.backbones import backbone_info
 from fr_dist.plan.config import DTYPE_BYTES, PlanConfig
 from fr_dist.plan.hardware import Hardware
+from fr_dist.plan.losses import loss_extra_bytes, modulated_negatives
 
 __all__ = [
     "SF2_LOGIT_BUFFERS",
@@ -40,6 +47,7 @@ __all__ = [
     "shard_sizes",
     "activation_bytes",
     "sf2_chunk",
+    "softmax_chunk",
     "sf2_triton",
     "memory_breakdown",
     "max_identities",
@@ -59,6 +67,18 @@ PFC_V2_LOGIT_BUFFERS = 4.5
 # fr_dist's fused PartialFCHead (heads/softmax.py _FusedMarginSoftmax, chunk_size None): the [N, S] block is
 # made once and turned into dL/dlogits in place; row norms are folded into the columns (no normalised copy).
 PFC_FRDIST_LOGIT_BUFFERS = 1.0
+# ... chunked (chunk_size c): the backward's recomputed cosines [N, c] and their scaled copy (turned into
+# dL/dlogits in place), and the next chunk's cosines made while the last chunk's copy is still bound: 3 fp32
+# [N, c]; plus, per active class, the inverse row norm (fp32) and its mask (bool), [S] each, which beside
+# a small block are no longer negligible. Measured (benchmarks/classifier.py, N = 64, c = 8192, K = 10^5
+# and 10^6 on 1 rank): 7.1 and 11.4 MiB for Partial FC / MagFace: 3 blocks + 5 bytes per class + the
+# embedding buffers.
+PFC_FRDIST_CHUNK_BUFFERS = 3.0
+PFC_FRDIST_CHUNK_ROW_BYTES = 5
+# ... a loss with the negatives stage (``all_targets``: CurricularFace): the modulated value and its slope
+# [N, c] fp32, a temporary of torch.where and the bool mask (0.25): measured 13.5 / 17.8 MiB at the
+# points above, 3.2 blocks more. (The dense path measured no more than Partial FC's.)
+PFC_NEGATIVES_CHUNK_BUFFERS = 3.25
 # its [S, D] rows: the sampled copy weight[index] and its [S, D] gradient (rate < 1 only; at rate 1 the
 # gradient is the dense proxy gradient itself).
 PFC_FRDIST_ROWS_SAMPLED = 2.0
@@ -99,6 +119,15 @@ def sf2_chunk(cfg: PlanConfig, hw: Hardware, cols: int) -> int:
         return max(1, min(cfg.chunk_size, cols))
 
     return auto_chunk_size(cfg.world * cfg.batch, max(cols, 1), cfg.dim, 4, hw.device)
+
+
+def softmax_chunk(cfg: PlanConfig) -> int:
+    """Columns per chunk of fr_dist's chunked online softmax over the S active classes, or 0 when the
+    block is materialised (``softmax_chunk`` 0, a binary loss, or insightface's v1 / v2 heads)."""
+    if cfg.binary or cfg.pfc_impl != "fr_dist" or not cfg.softmax_chunk:
+        return 0
+    _, S, _ = shard_sizes(cfg)
+    return max(1, min(cfg.softmax_chunk, S))
 
 
 def sf2_triton(cfg: PlanConfig, hw: Hardware) -> bool:
@@ -145,7 +174,15 @@ def memory_breakdown(cfg: PlanConfig, hw: Hardware) -> dict:
                 rows = PFC_FRDIST_ROWS_SAMPLED if sampled else 0.0
             logit = PFC_V2_LOGIT_BUFFERS if cfg.pfc_impl == "v2" else PFC_FRDIST_LOGIT_BUFFERS
         m["sampled_copies"] = int(S * D * f4 * rows)
-        m["logit_block"] = int(S * N * f4 * logit)
+        c = softmax_chunk(cfg)
+        if c:
+            bufs = PFC_FRDIST_CHUNK_BUFFERS + (
+                PFC_NEGATIVES_CHUNK_BUFFERS if modulated_negatives(cfg.head) else 0
+            )
+            m["logit_block"] = int(c * N * f4 * bufs + S * PFC_FRDIST_CHUNK_ROW_BYTES)
+        else:
+            m["logit_block"] = int(S * N * f4 * logit)
+    m["loss_extras"] = loss_extra_bytes(cfg.head, N)
     m["embeddings"] = int(EMBED_BUFFERS * N * D * f4)
     info = backbone_info(cfg.backbone, D)
     P = info["params"]

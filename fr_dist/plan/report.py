@@ -1,12 +1,20 @@
-"""One plan (memory, largest K, step time, softmax share) for a configuration, both heads side by side,
-and the table ``fr-dist plan`` prints."""
+"""One plan (memory, largest K, step time, the head's collectives, [N] all-reduce share, loss notes) for a
+configuration, the requested head beside the two baselines, and the table ``fr-dist plan`` prints."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from fr_dist.plan.config import PlanConfig
+from fr_dist.plan.config import BASELINES, PlanConfig
 from fr_dist.plan.hardware import GiB, Hardware
+from fr_dist.plan.losses import (
+    extra_collectives,
+    loss_family,
+    loss_notes,
+    n_allreduces,
+    norm_aware,
+    step_collectives,
+)
 from fr_dist.plan.memory import max_identities, memory_breakdown
 from fr_dist.plan.timing import softmax_share_point, step_time
 
@@ -17,7 +25,16 @@ def plan(cfg: PlanConfig, hw: Hardware) -> dict:
     mem = memory_breakdown(cfg, hw)
     kmax = max_identities(cfg, hw)
     st = step_time(cfg, hw)
+    N = cfg.world * cfg.batch
     return dict(
+        loss=dict(
+            name=cfg.head,
+            family=loss_family(cfg.head),
+            extra_collectives=list(extra_collectives(cfg.head)),
+            norm_aware=norm_aware(cfg.head),
+            notes=loss_notes(cfg.head, N),
+        ),
+        collectives=step_collectives(cfg.head, N, cfg.dim) if cfg.world > 1 else [],
         fits=bool(mem["total"] <= hw.memory_bytes),
         max_identities=int(kmax),
         memory_per_gpu=mem,
@@ -32,17 +49,19 @@ def plan(cfg: PlanConfig, hw: Hardware) -> dict:
 
 
 def side_by_side(cfg: PlanConfig, hw: Hardware) -> dict[str, dict]:
-    """The requested configuration and the other head (SphereFace2 keeps the proxy settings; Partial FC
-    is fp32 with the given sample rate, or 0.1 when the request is SphereFace2)."""
-    if cfg.head == "sphereface2":
-        sf2 = cfg
-        pfc = dataclasses.replace(
-            cfg, head="partial_fc", sample_rate=0.1 if cfg.sample_rate >= 1 else cfg.sample_rate
-        )
-    else:
-        pfc = cfg
-        sf2 = dataclasses.replace(cfg, head="sphereface2")
-    return {"sphereface2": plan(sf2, hw), "partial_fc": plan(pfc, hw)}
+    """The requested configuration, then the baselines it is not (SphereFace2 keeps the proxy settings;
+    Partial FC is fp32 with the given sample rate, or 0.1 when the request is of the binary family). The
+    two baselines alone keep their order (sphereface2, partial_fc); another loss comes first."""
+    out = {} if cfg.head in BASELINES else {cfg.head: plan(cfg, hw)}
+    for head in BASELINES:
+        if head == cfg.head:
+            out[head] = plan(cfg, hw)
+        elif head == "partial_fc":
+            rate = 0.1 if cfg.binary and cfg.sample_rate >= 1 else cfg.sample_rate
+            out[head] = plan(dataclasses.replace(cfg, head=head, sample_rate=rate), hw)
+        else:
+            out[head] = plan(dataclasses.replace(cfg, head=head), hw)
+    return out
 
 
 def _fmt_bytes(b: float) -> str:
@@ -64,12 +83,15 @@ def format_table(res: dict[str, dict]) -> str:
     desc = []
     for h in heads:
         c = res[h]["config"]
-        if h == "sphereface2":
+        if res[h]["loss"]["family"] == "binary":
             desc.append(
-                f"sphereface2 {c['proxy_dtype']} {'fused' if c['fused_update'] else 'unfused'} chunk {c['chunk_size']}"
+                f"{h} {c['proxy_dtype']} {'fused' if c['fused_update'] else 'unfused'} chunk {c['chunk_size']}"
             )
         else:
-            desc.append(f"partial_fc fp32 rate {c['sample_rate']} ({c['pfc_impl']})")
+            chunk = (
+                f" chunk {c['softmax_chunk']}" if c["softmax_chunk"] and c["pfc_impl"] == "fr_dist" else ""
+            )
+            desc.append(f"{h} fp32 rate {c['sample_rate']} ({c['pfc_impl']}){chunk}")
     lines.append(f"{'':24s}" + "".join(f"{d:>{w + 14}s}" for d in desc))
     lines.append("memory per GPU")
     for k in mem_keys:
@@ -92,11 +114,27 @@ def format_table(res: dict[str, dict]) -> str:
     lines.append(
         f"  {'images/s (global)':22s}" + "".join(f"{res[h]['images_per_s']:>{w + 14},.0f}" for h in heads)
     )
-    sm = res["partial_fc"]["softmax_allreduce"]
-    for label, d in (("full step", sm), ("head alone", sm["head_only"])):
-        lines.append(
-            f"partial_fc softmax all-reduces ({label}): {d['share_here'] * 100:.2f}% of the step here; > 5% from "
-            f"W = {d['world_size_above'] if d['world_size_above'] else 'never (<= 2^20 nodes)'} at this K"
-            + (f", or for K <= {d['identities_below']:,} at this W" if d["identities_below"] else "")
+    for h in heads:
+        if res[h]["loss"]["family"] != "softmax":
+            continue
+        sm = res[h]["softmax_allreduce"]
+        n_vec = n_allreduces(h)
+        for label, d in (("full step", sm), ("head alone", sm["head_only"])):
+            lines.append(
+                f"{h} [N] all-reduces ({n_vec}, {label}): {d['share_here'] * 100:.2f}% of the step here; > 5% from "
+                f"W = {d['world_size_above'] if d['world_size_above'] else 'never (<= 2^20 nodes)'} at this K"
+                + (f", or for K <= {d['identities_below']:,} at this W" if d["identities_below"] else "")
+            )
+    lines.append("collectives per step (busiest rank; N = W x B gathered rows)")
+    for h in heads:
+        colls = res[h]["collectives"]
+        text = ", ".join(
+            f"{c['kind']} {c['name']} {c['shape']}" + (" (the loss's extra)" if c["extra"] else "")
+            for c in colls
         )
+        lines.append(f"  {h}: {text or 'none (one rank)'}")
+    lines.append("loss notes")
+    for h in heads:
+        for note in res[h]["loss"]["notes"]:
+            lines.append(f"  {h}: {note}")
     return "\n".join(lines)

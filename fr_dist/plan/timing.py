@@ -10,7 +10,10 @@
 * fresh allocation (CPU): arrays >= 32 MiB made every step are mapped afresh by glibc (page faults,
   zeroing, munmap), at the measured rate; GPUs' caching allocator makes this 0;
 * op overhead: eager ops per step x dispatch / launch cost (the chunk loop's ops scale with S / chunk);
-* communication: ring-collective bytes / bus bandwidth (nccl-tests "busbw" convention) + latency per call.
+* communication: ring-collective bytes / bus bandwidth (nccl-tests "busbw" convention) + latency per call,
+  over the head's collectives (:func:`fr_dist.plan.losses.step_collectives`: the family's and the loss's
+  ``extra_collectives``) and the backbone's DDP gradient buckets; ``softmax_allreduce`` is the share of the
+  [N]-length all-reduces alone (the softmax family's 3 + the loss's extras; 0 for a binary loss).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import math
 from fr_dist.plan.backbones import backbone_info
 from fr_dist.plan.config import DTYPE_BYTES, PlanConfig
 from fr_dist.plan.hardware import Hardware, MiB
-from fr_dist.plan.memory import sf2_chunk, sf2_triton, shard_sizes
+from fr_dist.plan.losses import step_collectives
+from fr_dist.plan.memory import sf2_chunk, sf2_triton, shard_sizes, softmax_chunk
 
 __all__ = ["SAMPLER_BYTES_PER_CLASS", "step_allocations", "step_time", "softmax_share_point"]
 
@@ -73,7 +77,14 @@ PFC_LOGIT_OPS = {
     "v2": {"simple": 13, "exp": 1},
     "v1": {"simple": 11, "exp": 1},
 }
+# fr_dist's chunked online softmax (chunk_size c): forward * inv_norm, amax, amin, * s, amax, - max, sum;
+# exp; backward (the chunk recomputed) * inv_norm, amax, amin, * s (a copy), - max, * row scale, * column
+# scale, cos * g, sum over rows; exp.
+PFC_CHUNKED_LOGIT_OPS = {"simple": 16, "exp": 2}
 PFC_OPS_PER_STEP = 60  # sampler, gather, norms, the fused softmax, its backward, the update: ~60 ops
+# ... chunked: per chunk, forward ~12 ops (GEMM, clip check, target gather, max / exp / sum) and backward
+# ~16 (GEMM, clip check, exp, gradient scaling, the two gradient GEMMs, radial term)
+PFC_OPS_PER_CHUNK = 28
 # Row passes besides the optimizer (per n rows of the shard / per S sampled rows), fp32 for Partial FC:
 # SphereFace2 unfused: norm read, in-place divide (2), gradient written = 4 over n.
 # SphereFace2 fused: each row is read once and written once (the chunk stays in cache between the norm,
@@ -130,8 +141,9 @@ def step_allocations(cfg: PlanConfig) -> list[int]:
         return grads + extra
     sampled = S < n
     # the [n, D] gradient (dense: zeros + index_put_ when sampling, the GEMM's output at rate 1), the
-    # cosine block and its scaled copy [N, S]; when sampling, the [S, D] gather and its gradient
-    out = [n * D * f4, N * S * f4, N * S * f4]
+    # cosine block and its scaled copy [N, S] (chunked: [N, c] blocks only); when sampling, the [S, D]
+    # gather and its gradient
+    out = [n * D * f4] + ([] if softmax_chunk(cfg) else [N * S * f4, N * S * f4])
     if sampled:
         out += [S * D * f4, S * D * f4]
     return out + extra
@@ -143,8 +155,10 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
     n, S, N = shard_sizes(cfg)
     D, W = cfg.dim, cfg.world
     t: dict[str, float] = {}
-    # classifier GEMMs: cos = x W^T, dx = g W, dW = g^T x  -> 3 x 2 N S D
-    flops = 6.0 * N * S * D
+    # classifier GEMMs: cos = x W^T, dx = g W, dW = g^T x  -> 3 x 2 N S D (the chunked softmax recomputes
+    # cos in the backward: 4 x 2 N S D)
+    sc = softmax_chunk(cfg)
+    flops = (8.0 if sc else 6.0) * N * S * D
     t["classifier_compute"] = flops / (hw.tflops[_head_dtype(cfg)] * 1e12 * hw.gemm_efficiency)
     # row traffic: proxies, optimizer state and gradients, outside the GEMMs (tables above)
     stream = hw.hbm_gbps * 1e9 * hw.elementwise_efficiency
@@ -175,13 +189,13 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
                 row_bytes = S * D * 4 * (over_s + opt)
         else:
             row_bytes = n * D * 4 * (PFC_ROW_PASSES_FULL[cfg.pfc_impl] + opt)
-        logit_ops = PFC_LOGIT_OPS[cfg.pfc_impl]
-        ops = PFC_OPS_PER_STEP
+        logit_ops = PFC_CHUNKED_LOGIT_OPS if sc else PFC_LOGIT_OPS[cfg.pfc_impl]
+        ops = PFC_OPS_PER_STEP + (PFC_OPS_PER_CHUNK * math.ceil(S / sc) if sc else 0)
     gather = hw.gather_gbps * 1e9 if hw.gather_gbps else stream
     t["row_traffic"] = row_bytes / (gather if gathered else stream)
     # the SphereFace2 chunk's rows [c, D] and its [N, c] temporaries stay in cache when they fit
     rows_cached = c * D * 4 <= hw.cache_bytes
-    block_cached = cfg.binary and N * c * 4 <= hw.cache_bytes
+    block_cached = (cfg.binary and N * c * 4 <= hw.cache_bytes) or (sc and N * sc * 4 <= hw.cache_bytes)
     in_pass = cfg.binary and cfg.fused_update and hw.elementwise_gelems
     t["row_elementwise"] = 0.0
     if in_pass:
@@ -198,36 +212,39 @@ def step_time(cfg: PlanConfig, hw: Hardware) -> dict:
     fresh = sum(b for b in step_allocations(cfg) if b >= hw.fresh_alloc_min_bytes)
     t["fresh_allocation"] = fresh / (hw.fresh_alloc_gbps * 1e9) if hw.fresh_alloc_gbps else 0.0
     t["op_overhead"] = ops * hw.op_overhead_s
-    # communication: all-gather [N, D+1], reduce-scatter [N, D], backbone gradient all-reduce
+    # communication: the head's collectives (all-gather [N, D+1], reduce-scatter [N, D], the family's and
+    # the loss's all-reduces) and the backbone's gradient all-reduce. Ring wire bytes per rank: (W-1)/W of
+    # the buffer for a gather / scatter, twice that for an all-reduce.
     bw = _busbw(cfg, hw)
     ring = (W - 1) / W if W > 1 else 0.0
     P = backbone_info(cfg.backbone, D)["params"]
-    head_bytes = N * (D + 1) * 4 * ring + N * D * 4 * ring
-    softmax_bytes = 3 * N * 4 * 2 * ring if not cfg.binary else 0.0
-    t["comm_bandwidth"] = (head_bytes + softmax_bytes + P * 4 * 2 * ring) / bw if W > 1 else 0.0
+    colls = step_collectives(cfg.head, N, D)
+    wire = {id(c): c["bytes"] * ring * (2 if c["kind"] == "all_reduce" else 1) for c in colls}
+    vectors = [c for c in colls if c["per_sample"]]  # the [N]-length all-reduces
+    head_bytes = sum(wire.values())
+    t["comm_bandwidth"] = (head_bytes + P * 4 * 2 * ring) / bw if W > 1 else 0.0
     lat = _latency(cfg, hw)
     buckets = math.ceil(P * 4 / (25 * MiB)) if P else 0  # DDP's 25 MiB buckets
-    calls = 4 + (3 if not cfg.binary else 0) + buckets
-    t["comm_latency"] = calls * lat
+    t["comm_latency"] = (len(colls) + buckets) * lat
     info = backbone_info(cfg.backbone, D)
     bdt = "fp32" if cfg.amp == "none" else cfg.amp
     t["backbone_compute"] = 3.0 * info["fwd_flops"] * cfg.batch / (hw.tflops[bdt] * 1e12 * hw.conv_efficiency)
     t["total"] = sum(t.values())
-    if not cfg.binary:
-        t["softmax_allreduce"] = 3 * lat + (softmax_bytes / bw if W > 1 else 0.0)
-    else:
-        t["softmax_allreduce"] = 0.0
+    vector_bytes = sum(wire[id(c)] for c in vectors)
+    t["softmax_allreduce"] = len(vectors) * lat + (vector_bytes / bw if W > 1 else 0.0)
     return t
 
 
 def softmax_share_point(cfg: PlanConfig, hw: Hardware, threshold: float = 0.05) -> dict:
-    """Where Partial FC's three softmax all-reduces exceed ``threshold`` of the step: the smallest node
-    count (W = gpus_per_node x nodes) at this K, and the largest K at this W (the share falls as K grows).
-    ``head_only`` repeats it for the classifier step alone (benchmarks/classifier.py's step)."""
-    out = _share_point(dataclasses.replace(cfg, head="partial_fc"), hw, threshold)
-    out["head_only"] = _share_point(
-        dataclasses.replace(cfg, head="partial_fc", backbone="none"), hw, threshold
-    )
+    """Where a softmax-family head's [N] all-reduces (the family's three + its loss's extras) exceed
+    ``threshold`` of the step: the smallest node count (W = gpus_per_node x nodes) at this K, and the
+    largest K at this W (the share falls as K grows). The head is ``cfg.head`` when its loss is of the
+    softmax family, else Partial FC. ``head_only`` repeats it for the classifier step alone
+    (benchmarks/classifier.py's step); ``head`` names the head."""
+    head = "partial_fc" if cfg.binary else cfg.head
+    out = _share_point(dataclasses.replace(cfg, head=head), hw, threshold)
+    out["head_only"] = _share_point(dataclasses.replace(cfg, head=head, backbone="none"), hw, threshold)
+    out["head"] = head
     return out
 
 

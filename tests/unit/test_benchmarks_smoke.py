@@ -212,3 +212,42 @@ def test_largest_run_smoke(tmp_path):
     assert res["loss_last"] < res["loss_first"]
     assert all(r["peak_rss_bytes"] > 0 for r in res["ranks"])
     assert res["planner"]["memory_per_rank"]["total"] > 0
+
+
+# ----------------------------------------------------------------------------- helper "roc":
+# benchmarks.demo_losses (every loss's CPU demo: the README table + one ROC figure)
+def test_demo_losses_smoke(tmp_path, capsys):
+    """Two fake finished demo runs (one with the ROC JSON of eval.plot_dir, one with a checkpoint only: the
+    ROC recomputed with the eval code) -> the JSON rows, the markdown table and the overlay figure."""
+    from benchmarks import demo_losses as dl
+    from fr_dist.heads import list_heads
+
+    out = tmp_path / "demo_losses.json"
+    assert dl.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["loss"]: r for r in report["rows"]}
+    assert set(rows) == set(dl.SMOKE_LOSSES)
+    first, second = (rows[name] for name in dl.SMOKE_LOSSES)
+    assert first["roc_source"] == "eval.plot_dir json" and second["roc_source"] == "checkpoint"
+    for r in rows.values():
+        assert r["recipe"] == dl.recipe_for(r["loss"]) and (ROOT / r["recipe"]).is_file()
+        assert r["set"] == "heldout" and r["images_per_s"] > 0 and 0 <= r["val_at_far_1e3"] <= 1
+        roc = r["roc"]
+        assert roc["far"][0] == 0.0 and roc["far"][-1] == 1.0 and len(roc["far"]) == len(roc["tar"])
+        assert set(roc["tar_at_far"]) == {"1e-1"}  # 10 impostor pairs: only FAR 0.1 is resolved
+    # the fake logs: images/s 100, 110, ... 140 (+ i): the median after the first line
+    assert first["images_per_s"] == 125.0 and second["images_per_s"] == 126.0
+    # every other registered loss is skipped with its reason (no recipe, or no run among --runs)
+    skipped = {s["loss"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) | set(rows) == set(list_heads())
+    for loss, reason in skipped.items():
+        assert (dl.recipe_for(loss) is None) == reason.startswith("no CPU demo recipe"), (loss, reason)
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("| loss | recipe | accuracy (10-fold) | VAL@FAR=1e-3 | images/s |")
+    assert f"| {dl.SMOKE_LOSSES[0]} | `{first['recipe']}` | {first['accuracy']:.3f} +- " in md
+    if _has_matplotlib():
+        from PIL import Image
+
+        with Image.open(out.with_suffix(".png")) as im:
+            assert im.size == (640, 480)
+    assert "skipped" in capsys.readouterr().out

@@ -329,7 +329,9 @@ def test_format_help_lists_all_keys():
     text = format_help()
     for key in (i["key"] for i in field_info(Config)):
         assert f"  {key}:" in text
-    assert "one of: ddp | deepspeed" in text and "one of: partial_fc | sphereface2" in text
+    from fr_dist.heads import list_heads
+
+    assert "one of: ddp | deepspeed" in text and "one of: " + " | ".join(list_heads()) in text
 
 
 def test_save_and_reload_roundtrip(tmp_path):

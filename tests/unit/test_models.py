@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from fr_dist.models import IRESNET_LAYERS, create_backbone, list_backbones, register_backbone
 from fr_dist.models import registry as registry_mod
+from fr_dist.models.vit import VIT_CONFIGS
 
 # insightface arcface_torch backbones (512-d embedding, 112x112): every parameter, including the
 # BatchNorm1d ``features.weight`` that insightface freezes (trainable = total - 512).
@@ -134,6 +135,7 @@ def test_every_registered_backbone_is_covered():
     # iresnet200: parameter count only (its CPU forward is slow); the rest run test_forward_shapes
     covered = {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "iresnet"}
     covered |= {"iresnet_tiny", "mobilefacenet", "mobilefacenet_large"}
+    covered |= {"iresnet2060"} | set(VIT_CONFIGS)  # tests/unit/test_vit.py
     assert set(list_backbones()) == covered | {"timm/<model name>"}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fr_dist import plan as P
+from fr_dist.heads import list_heads
 from fr_dist.plan.config import choices, recipe_notes
 from fr_dist.train.config_load import load_config
 
@@ -45,6 +46,8 @@ def _recipe_inputs(cfg) -> dict:
         fused_update=sf2.fused_update,
         fp32_master=sf2.master_weights,
         sf2_kernel=sf2.kernel,
+        # the softmax family's chunked online softmax: the recipe's softmax head, else Partial FC's (null: 0)
+        softmax_chunk=(cfg.head.partial_fc.chunk_size or 0),
     )
 
 
@@ -94,13 +97,14 @@ def test_every_recipe_key_reaches_the_plan():
                 "model.embedding_size=256",
             ],
         ),
-        (PFC, ["train.amp=none", "model.name=iresnet100"]),
+        (PFC, ["train.amp=none", "model.name=iresnet100", "head.partial_fc.chunk_size=4096"]),
     ):
         cfg = load_config(path, overrides, check_paths=False)
         pc = P.plan_config_from_training(cfg, nodes=2, gpus_per_node=4)
         assert {k: getattr(pc, k) for k in _recipe_inputs(cfg)} == _recipe_inputs(cfg), overrides
         assert (pc.nodes, pc.gpus_per_node, pc.pfc_impl) == (2, 4, "fr_dist")
     assert pc.head == "partial_fc" and pc.sample_rate == 0.2 and pc.identities == 2_059_906
+    assert pc.softmax_chunk == 4096
     assert set(P.RECIPE_KEYS.values()) == set(_recipe_inputs(cfg))  # the table maps each of them
 
 
@@ -167,7 +171,9 @@ def test_what_the_plan_does_not_model_is_said():
 
 
 def test_choices_are_the_literal_hints_beside_the_fields():
-    assert choices("head") == P.HEADS == ("sphereface2", "partial_fc")
+    # head: every registered loss (the registry, not a Literal of two names)
+    assert choices("head") == P.HEADS == tuple(list_heads())
+    assert {"sphereface2", "partial_fc"} <= set(P.HEADS)
     assert choices("pfc_impl") == P.PFC_IMPLS and choices("identities") is None
     for field, bad in (("head", "arcface"), ("proxy_dtype", "int8"), ("sf2_kernel", "cuda"), ("amp", "fp8")):
         with pytest.raises(ValueError, match=field):

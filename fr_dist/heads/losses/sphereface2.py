@@ -264,7 +264,7 @@ class SphereFace2(BinaryLoss):
         is_t = torch.ones_like(cos_t, dtype=torch.bool)
         return self.r * self.margin.value(cos_t, is_t) + bias
 
-    def target_slope(self, cos_t: torch.Tensor):
+    def target_slope(self, cos_t: torch.Tensor, bias=None):
         return self.margin.slope(cos_t) if self.exact else 1.0
 
 

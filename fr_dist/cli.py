@@ -2,7 +2,7 @@
 
 fr-dist train --config configs/demo_cpu.yaml output_dir=runs/demo train.max_steps=200
 torchrun --nproc_per_node=2 -m fr_dist.cli train --config configs/demo_cpu.yaml
-fr-dist eval --checkpoint runs/demo --bin data/synthetic/heldout.bin --json eval.json
+fr-dist eval --checkpoint runs/demo --bin data/synthetic/heldout.bin --json eval.json [--plot DIR]
 fr-dist export runs/demo --torch backbone.pt --onnx backbone.onnx
 fr-dist data synth data/synthetic | data pack FOLDER OUT | data info PATH
 fr-dist config --config configs/demo_cpu.yaml [overrides]   # print the resolved config
@@ -22,7 +22,7 @@ from fr_dist.data.cli import add_data_commands
 from fr_dist.doctor import add_arguments as add_doctor_arguments
 from fr_dist.doctor import run_doctor
 from fr_dist.errors import ConfigError
-from fr_dist.eval.cli import run_eval_cli
+from fr_dist.eval.cli import add_eval_arguments, run_eval_cli
 from fr_dist.export import export
 from fr_dist.plan.cli import add_plan_arguments, run_plan_cli
 from fr_dist.train.config_load import format_help, load_config, path_problems
@@ -127,12 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("eval", help="verification on .bin pair files and IJB-style templates")
-    v.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .pt")
-    v.add_argument("--bin", nargs="*", default=[], help="insightface .bin pair files")
-    v.add_argument("--ijb", default=None, help="IJB-layout folder (meta/ + features or images)")
-    v.add_argument("--json", default=None, help="write results here")
-    v.add_argument("--batch-size", type=int, default=128)
-    v.add_argument("--nfolds", type=int, default=10)
+    add_eval_arguments(v)  # --checkpoint --bin --ijb --json --batch-size --nfolds --plot
     v.set_defaults(func=cmd_eval)
 
     dr = sub.add_parser(

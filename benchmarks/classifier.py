@@ -517,6 +517,9 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help=f"every loss in seconds, one spawn: {SMOKE}")
     p.add_argument("--table", type=Path, default=None, metavar="JSON",
                    help="only write the markdown table of a finished JSON (beside it, .md)")  # fmt: skip
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="only merge finished JSONs (e.g. a second run for losses added later) into --out, "
+                        "with its table and plot")  # fmt: skip
     p.add_argument("--max-k-for-world", nargs="*", default=[], metavar="W=K",
                    help="skip K above this for world size W, e.g. 4=100000")  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
@@ -528,6 +531,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.table:
         write_table(a.table)
+        return 0
+    if a.merge:
+        merge(a.merge, a.out)
         return 0
     if a.smoke:
         for key, value in SMOKE.items():
@@ -577,6 +583,33 @@ def main(argv=None) -> int:
             _write(results, a, final=False)  # after every point: a cut run keeps what it measured
     _write(results, a)
     return 0
+
+
+def merge(paths: list[Path], out: Path) -> dict:
+    """One report of the finished JSONs ``paths`` (results in order; each run's args, host and failures
+    under ``merged_from``) written to ``out`` with its table and plot."""
+    if out is None:
+        raise SystemExit("--merge needs --out")
+    reports = [json.loads(Path(q).read_text()) for q in paths]
+    results = [r for rep in reports for r in rep["results"]]
+    add_ratios(results)
+    merged = dict(
+        benchmark="classifier",
+        host=reports[0].get("host"),
+        args=reports[0].get("args"),
+        complete=all(rep.get("complete") for rep in reports),
+        merged_from=[
+            dict(path=str(q), args=rep.get("args"), host=rep.get("host"), failed=rep.get("failed", []))
+            for q, rep in zip(paths, reports)
+        ],
+        results=results,
+        failed=[f for rep in reports for f in rep.get("failed", [])],
+    )
+    write_json_atomic(out, merged)
+    print(f"wrote {out}")
+    write_table(out)
+    plot(results, out)
+    return merged
 
 
 def _write(results, a, final: bool = True):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from fr_dist import comm
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.errors import ConfigError, RendezvousError
 
 __all__ = [
@@ -275,11 +276,11 @@ def shutdown(code: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------- config section
-from pydantic import ConfigDict, Field  # noqa: E402
+from pydantic import Field  # noqa: E402
 from pydantic.dataclasses import dataclass as pydantic_dataclass  # noqa: E402
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
+@pydantic_dataclass(config=SECTION_CONFIG)
 class DistConfig:
     """``dist``: timeouts of the process group this module starts."""
 

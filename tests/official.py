@@ -51,7 +51,7 @@ def replay(rank: int, world: int, name: str, case: str, arrays: dict, meta: dict
     N = arrays[f"{case}/x0"].shape[0]
     B = N // world
     out = []
-    for t in range(meta["cases"][case]["batches"]):
+    for t in range(batches(meta, case)):
         x_all, y_all = arrays[f"{case}/x{t}"], arrays[f"{case}/y{t}"]  # [N, D], [N]
         x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)  # [B, D] this rank's rows
         comm.reset_comm_stats()
@@ -81,3 +81,38 @@ def close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-6) 
     want = want.to(got.dtype)
     scale = float(want.abs().max()) if want.numel() else 0.0
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-300), msg=what)
+
+
+def cases(meta: dict) -> dict[str, dict]:
+    """Every case of an archive -> the hyper-parameters it differs by (its ``variants``' ``hp``; {} else)."""
+    out = {c: {} for c in meta["cases"]}
+    out.update({c: v.get("hp", {}) for c, v in meta.get("variants", {}).items()})
+    return out
+
+
+def batches(meta: dict, case: str) -> int:
+    return (meta["cases"].get(case) or meta["variants"][case])["batches"]
+
+
+def check_replay(per_rank: list[list[dict]], arrays: dict, meta: dict, case: str, tag: str) -> None:
+    """The replays of every rank (:func:`replay`, rank order) against case ``case`` of the archive: the loss
+    on every rank, dL/dx and dL/dW concatenated over the ranks, dL/db and the state buffers on every rank."""
+    for t in range(batches(meta, case)):
+        bt = f"{tag} batch {t}"
+        for r, rep in enumerate(per_rank):
+            close(rep[t]["loss"], arrays[f"{case}/loss{t}"], f"{bt} loss (rank {r})")
+        close(torch.cat([p[t]["dx"] for p in per_rank]), arrays[f"{case}/dx{t}"], f"{bt} dL/dx")
+        close(torch.cat([p[t]["dW"] for p in per_rank]), arrays[f"{case}/dW{t}"], f"{bt} dL/dW")
+        if f"{case}/db{t}" in arrays:
+            for r, rep in enumerate(per_rank):
+                close(rep[t]["db"].reshape(()), arrays[f"{case}/db{t}"].reshape(()), f"{bt} dL/db (rank {r})")
+        prefix = f"{case}/state{t}/"
+        names = {k[len(prefix) :] for k in arrays if k.startswith(prefix)}
+        for r, rep in enumerate(per_rank):
+            assert set(rep[t]["state"]) == names, f"{bt}: state buffers (rank {r})"
+            for s in names:
+                close(
+                    rep[t]["state"][s].reshape(-1),
+                    arrays[prefix + s].reshape(-1),
+                    f"{bt} state {s} (rank {r})",
+                )

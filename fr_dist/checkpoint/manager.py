@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from fr_dist import comm
@@ -45,12 +45,13 @@ from fr_dist.checkpoint.layout import (
     tmp_dir,
     verify_checkpoint,
 )
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.errors import CheckpointError
 
 __all__ = ["CheckpointConfig", "save_checkpoint", "load_checkpoint", "resume_path"]
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
+@pydantic_dataclass(config=SECTION_CONFIG)
 class CheckpointConfig:
     """``checkpoint``: when the trainer saves, how many it keeps, where it resumes from."""
 

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.data.dali import DaliTrainLoader
 from fr_dist.data.image import resize_to
 from fr_dist.data.recordio import RecordIOError, open_recordio
@@ -336,10 +337,10 @@ def build_train_loader(
 # ----------------------------------------------------------------------------- config section
 from typing import Literal  # noqa: E402
 
-from pydantic import ConfigDict, Field  # noqa: E402
+from pydantic import Field  # noqa: E402
 from pydantic.dataclasses import dataclass as pydantic_dataclass  # noqa: E402
 
-_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+_CONFIG = SECTION_CONFIG
 
 
 @pydantic_dataclass(config=_CONFIG)

@@ -28,9 +28,19 @@ from fr_dist import comm
 from fr_dist.heads.binary import BinaryLoss, BinaryPlan, BinaryStages, binary_partial_loss
 from fr_dist.heads.row_optim import RowAdamW, RowOptimizer, build_row_optimizer
 from fr_dist.heads.sampling import num_sampled, sample_negatives
-from fr_dist.heads.sharded import OptimizerContract, ShardedClassifier, autocast_gemm_dtype, resolve_loss
+from fr_dist.heads.sharded import (
+    OptimizerContract,
+    ShardedClassifier,
+    autocast_gemm_dtype,
+    resolve_loss,
+)
 
-__all__ = ["BinaryHead", "binary_block_loss", "KERNELS", "PROXY_DTYPES"]
+__all__ = [
+    "BinaryHead",
+    "binary_block_loss",
+    "KERNELS",
+    "PROXY_DTYPES",
+]
 
 PROXY_DTYPES = ("fp32", "bf16")
 # the fused chunk's elementwise part: auto = the Triton kernel on CUDA when Triton is installed, else eager

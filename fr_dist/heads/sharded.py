@@ -23,6 +23,7 @@ __all__ = [
     "OptimizerContract",
     "ShardedClassifier",
     "autocast_gemm_dtype",
+    "bound_signature",
     "init_weight_rows",
     "resolve_loss",
 ]
@@ -53,6 +54,17 @@ def autocast_gemm_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives a GEMM's operands on ``device`` here, or None when autocast is off: the
     heads' fused passes disable autocast inside and apply it to their GEMMs themselves."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def bound_signature(family_init, loss_cls: type) -> inspect.Signature:
+    """The signature of a family head bound to ``loss_cls``: ``(embedding_size, num_classes, *, <the loss's
+    hyper-parameters>, <the family's keywords>)``, the loss's defaults its own. What ``inspect.signature``,
+    the config sections' defaults and the docs read of a registered head (which has no ``__init__`` of its
+    own: the family's builds the loss from the keywords, :func:`resolve_loss`)."""
+    fam = list(inspect.signature(family_init).parameters.values())[1:]  # without self
+    lead, rest = fam[:2], [q for q in fam[2:] if q.name != "loss" and q.kind is not q.VAR_KEYWORD]
+    hyper = [q.replace(kind=q.KEYWORD_ONLY) for q in inspect.signature(loss_cls).parameters.values()]
+    return inspect.Signature(lead + hyper + [q.replace(kind=q.KEYWORD_ONLY) for q in rest])
 
 
 def resolve_loss(head_cls: type, loss, loss_kwargs: dict):
@@ -95,6 +107,13 @@ class ShardedClassifier(nn.Module):
 
     loss_name = ""
     """The registry name of the head's loss (set by :func:`fr_dist.heads.registry.register_loss`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        """A head that only binds a family to its ``loss_cls`` (no ``__init__`` of its own) gets the bound
+        signature (:func:`bound_signature`)."""
+        super().__init_subclass__(**kwargs)
+        if "loss_cls" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__signature__ = bound_signature(cls.__init__, cls.loss_cls)
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.models.timm_backbone import TimmBackbone
 
 __all__ = [
@@ -168,11 +169,11 @@ def _as_dict(model: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------- config section
-from pydantic import ConfigDict, Field, field_validator, model_validator  # noqa: E402
+from pydantic import Field, field_validator, model_validator  # noqa: E402
 from pydantic.dataclasses import dataclass as pydantic_dataclass  # noqa: E402
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
+@pydantic_dataclass(config=SECTION_CONFIG)
 class ModelConfig:
     """``model``: what :func:`build_backbone` builds; name and arguments checked as it checks them."""
 

@@ -23,6 +23,13 @@ BACKBONES: dict[str, dict] = {
     "iresnet200": dict(params=118_833_920, fwd_flops=46_837_891_072, act_bytes=195_437_568),
     "mobilefacenet": dict(params=2_059_520, fwd_flops=875_041_792, act_bytes=45_214_720),
     "mobilefacenet_large": dict(params=6_314_880, fwd_flops=3_632_965_632, act_bytes=113_554_432),
+    # insightface's ViTs (arcface_torch backbones/vit.py: patch 9, 144 tokens, mask_ratio 0.1 of the
+    # WebFace42M recipes; act_bytes measured in train mode, i.e. with the patch masking)
+    "vit_t": dict(params=19_137_792, fwd_flops=2_676_330_496, act_bytes=26_169_248),
+    "vit_s": dict(params=76_023_296, fwd_flops=10_259_996_672, act_bytes=52_108_192),
+    "vit_b": dict(params=113_833_472, fwd_flops=20_408_139_776, act_bytes=102_907_456),
+    "vit_l": dict(params=255_684_352, fwd_flops=47_792_529_408, act_bytes=162_495_992),
+    "vit_h": dict(params=756_393_984, fwd_flops=178_397_741_056, act_bytes=454_658_552),
     "none": dict(params=0, fwd_flops=0, act_bytes=0),  # head alone (benchmarks/classifier.py)
 }
 _BACKBONE_CACHE: dict[tuple, dict] = {}

@@ -155,8 +155,8 @@ def loss_notes(head: str, N: int) -> list[str]:
         )
     if modulated_negatives(head):
         notes.append(
-            "modulated negatives (the family's negatives stage): the chunked softmax holds ~3 more [N, c] "
-            "fp32 blocks (the value, its slope, the mask; fr_dist.plan.memory.PFC_NEGATIVES_CHUNK_BUFFERS)"
+            "modulated negatives (the family's negatives stage): ~3 more fp32 [N, c] blocks in the chunked "
+            "softmax (the value, its slope, the mask), an [N, S] bool mask in the dense one (counted)"
         )
     state = loss_state_bytes(head)
     if state:

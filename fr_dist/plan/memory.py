@@ -19,8 +19,8 @@ classes = int(rate * n) or n, c = chunk:
   training recipe): fp32 proxies, momentum and dense gradient, one [N, S] block turned into dL/dlogits in
   place (PFC_FRDIST_LOGIT_BUFFERS) and, when sampling, the [S, D] gathered rows and their gradient; with
   ``softmax_chunk`` c > 0 (the chunked online softmax) the block is PFC_FRDIST_CHUNK_BUFFERS fp32 [N, c]
-  + PFC_FRDIST_CHUNK_ROW_BYTES per active class instead (+ PFC_NEGATIVES_CHUNK_BUFFERS [N, c] for a loss
-  with the negatives stage, CurricularFace).
+  + PFC_FRDIST_CHUNK_ROW_BYTES per active class instead. A loss with the negatives stage (CurricularFace)
+  adds PFC_NEGATIVES_CHUNK_BUFFERS [N, c] / PFC_NEGATIVES_DENSE_BUFFERS [N, S] (its value, slope, mask).
 * ``loss_extras`` (:func:`fr_dist.plan.losses.loss_extra_bytes`): what the loss adds to its family's model,
   its replicated state buffers, the [N] norm vector of a norm-aware loss (AdaFace, MagFace) and one [N]
   buffer per extra all-reduce (CurricularFace): bytes, 0 for SphereFace2 / Partial FC.
@@ -77,8 +77,12 @@ PFC_FRDIST_CHUNK_BUFFERS = 3.0
 PFC_FRDIST_CHUNK_ROW_BYTES = 5
 # ... a loss with the negatives stage (``all_targets``: CurricularFace): the modulated value and its slope
 # [N, c] fp32, a temporary of torch.where and the bool mask (0.25): measured 13.5 / 17.8 MiB at the
-# points above, 3.2 blocks more. (The dense path measured no more than Partial FC's.)
+# points above, 3.2 blocks more (and the same at W = 2, N = 128).
 PFC_NEGATIVES_CHUNK_BUFFERS = 3.25
+# ... on the dense path: the [N, S] bool mask of the hard negatives (0.25 of an fp32 block); measured at
+# W = 2 (CurricularFace 31.4 / 308.2 MiB against Partial FC's 25.5 / 246.9 at K = 10^5 / 10^6), not seen
+# at W = 1 (the peak there falls before the mask is made): counted, an upper bound.
+PFC_NEGATIVES_DENSE_BUFFERS = 0.25
 # its [S, D] rows: the sampled copy weight[index] and its [S, D] gradient (rate < 1 only; at rate 1 the
 # gradient is the dense proxy gradient itself).
 PFC_FRDIST_ROWS_SAMPLED = 2.0
@@ -181,6 +185,8 @@ def memory_breakdown(cfg: PlanConfig, hw: Hardware) -> dict:
             )
             m["logit_block"] = int(c * N * f4 * bufs + S * PFC_FRDIST_CHUNK_ROW_BYTES)
         else:
+            if cfg.pfc_impl == "fr_dist" and modulated_negatives(cfg.head):
+                logit += PFC_NEGATIVES_DENSE_BUFFERS
             m["logit_block"] = int(S * N * f4 * logit)
     m["loss_extras"] = loss_extra_bytes(cfg.head, N)
     m["embeddings"] = int(EMBED_BUFFERS * N * D * f4)

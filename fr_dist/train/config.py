@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from fr_dist.checkpoint.manager import CheckpointConfig
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.data.loader import DataConfig, SyntheticConfig
 from fr_dist.errors import ConfigError
 from fr_dist.heads import list_heads
@@ -53,7 +54,7 @@ __all__ = [
     "validate_against_dataset",
 ]
 
-_SECTION = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+_SECTION = SECTION_CONFIG
 _HEADS = tuple(list_heads())
 
 
@@ -107,6 +108,9 @@ class EvalConfig:
     """Add the embedding of the flipped image (insightface protocol)."""
     keep_best: bool = True
     """Keep the best-accuracy backbone in RUN/best/."""
+    plot_dir: Optional[str] = None
+    """Write each set's ROC after every verification (<set>_roc.png + <set>_roc.json), in this folder
+    relative to the run directory (null = no figures; needs matplotlib, checked at start-up)."""
 
 
 @pydantic_dataclass(config=_SECTION)
@@ -162,9 +166,9 @@ class Config:
             raise ValueError(
                 "deepspeed.fp16=true needs CUDA (DeepSpeed refuses fp16 on CPU); use deepspeed.bf16"
             )
-        section = getattr(self.head, self.head.name)  # the selected loss's section
-        if getattr(section, "fused_update", False) and self.train.grad_accum != 1:
-            raise ValueError(f"head.{self.head.name}.fused_update needs train.grad_accum=1")
+        # head.<loss>.fused_update with train.grad_accum > 1 (or an optimizer the pass does not implement) is
+        # not refused here: the trainer builds the unfused head then and warns once
+        # (fr_dist.train.trainer.head_build_kwargs)
         return self
 
     def to_dict(self) -> dict:

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from official import available, build_head, close, load, replay
+from official import available, batches, build_head, check_replay, close, load, replay
 
 from fr_dist.testing import spawn_gloo
 
@@ -58,25 +58,16 @@ def test_sharded_equals_official(world):
         K = arrays[f"{case}/W"].shape[0]
         if K < world:
             assert per_rank[-1][0]["num_local"] == 0
-        for t in range(meta["cases"][case]["batches"]):
-            tag = f"{name} {case} W={world} batch {t}"
-            for r in range(world):
-                close(per_rank[r][t]["loss"], arrays[f"{case}/loss{t}"], f"{tag} loss (rank {r})")
-            close(torch.cat([p[t]["dx"] for p in per_rank]), arrays[f"{case}/dx{t}"], f"{tag} dL/dx")
-            close(torch.cat([p[t]["dW"] for p in per_rank]), arrays[f"{case}/dW{t}"], f"{tag} dL/dW")
-            if f"{case}/db{t}" in arrays:
-                for r in range(world):
-                    db = per_rank[r][t]["db"].reshape(())
-                    close(db, arrays[f"{case}/db{t}"].reshape(()), f"{tag} dL/db (rank {r})")
-            prefix = f"{case}/state{t}/"
-            names = {k[len(prefix) :] for k in arrays if k.startswith(prefix)}
-            for r in range(world):
-                assert set(per_rank[r][t]["state"]) == names, f"{tag}: state buffers (rank {r})"
-                for s in names:
-                    got = per_rank[r][t]["state"][s].reshape(-1)
-                    close(got, arrays[prefix + s].reshape(-1), f"{tag} state {s} (rank {r})")
-            if world > 1:
-                _check_comm(name, per_rank[0][t]["stats"], world, arrays[f"{case}/x0"].shape, tag)
+        check_replay(per_rank, arrays, meta, case, f"{name} {case} W={world}")
+        if world > 1:
+            for t in range(batches(meta, case)):
+                _check_comm(
+                    name,
+                    per_rank[0][t]["stats"],
+                    world,
+                    arrays[f"{case}/x0"].shape,
+                    f"{name} {case} batch {t}",
+                )
 
 
 def _check_comm(name, st, world, shape, tag):

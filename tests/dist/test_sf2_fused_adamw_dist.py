@@ -95,6 +95,7 @@ def test_trainer_adamw_fused_update_equals_unfused(tmp_path):
                 "train.max_steps": 4,
                 "data.batch_size": 8,
                 "head.sphereface2.fused_update": fused,
+                "head.sphereface2.proxy_dtype": "fp32",  # both runs on fp32 rows
             },
         )
         res[fused] = spawn_gloo(_train, 1, args=(ov,), timeout_s=300)[0]

@@ -62,21 +62,24 @@ def _train(head, rank, world, dtype):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = dict(start=head.class_start, weight=head.weight.detach().float().clone(), bias=head.bias.detach())
-    out["mom"] = head.weight_momentum.float().clone()
+    out = dict(start=head.class_start, weight=head.weight.detach().double().clone(), bias=head.bias.detach())
+    out["mom"] = head.weight_momentum.double().clone()
     if hasattr(head, "weight_master"):
         out["master"] = head.weight_master.clone()
     return out
 
 
 def _grads(head, rank, W):
-    x, y, _ = _data(0, W.dtype)
+    x, y, _ = _data(0)  # [W*B, D] float64 draws, cast like W
+    x = x.to(W.dtype)
     head.load_full_weight(W)
     xx = x[rank * B : (rank + 1) * B].clone().requires_grad_(True)
     comm.reset_comm_stats()
     loss = head(xx, y[rank * B : (rank + 1) * B])
     loss.backward()
-    return dict(loss=loss.detach(), dx=xx.grad, dW=head.weight.grad, db=head.bias.grad, stats=comm.comm_stats())
+    return dict(
+        loss=loss.detach(), dx=xx.grad, dW=head.weight.grad, db=head.bias.grad, stats=comm.comm_stats()
+    )
 
 
 def _rank(rank, world, triton):
@@ -84,7 +87,7 @@ def _rank(rank, world, triton):
     _, y, W = _data(0)
     out = dict(
         fused64=_train(UniFaceHead(D, K, **HP, fused_update=True, chunk_size=4, seed=3).double(), rank, world, torch.float64),
-        bf16=_train(UniFaceHead(D, K, **HP, fused_update=True, proxy_dtype="bf16", master_weights=True, seed=3).float(), rank, world, torch.float32),
+        bf16=_train(UniFaceHead(D, K, **HP, fused_update=True, proxy_dtype="bf16", master_weights=True, seed=3), rank, world, torch.float32),
         block=_grads(UniFaceHead(D, K, **HP, fused=False).double(), rank, W),
     )  # fmt: skip
     # sampling: the draw this rank's head makes, replayed from a copy of its generator
@@ -107,11 +110,22 @@ def test_uniface_sharded_equals_single_process(monkeypatch):
         triton = False
     monkeypatch.setenv("TRITON_INTERPRET", "1" if triton else os.environ.get("TRITON_INTERPRET", "0"))
     res = spawn_gloo(_rank, WORLD, args=(triton,), timeout_s=300)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as on the ranks (the init's draws follow the default dtype)
+    try:
+        _check(res, triton)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _check(res, triton):
     starts = [r["fused64"]["start"] for r in res]
     assert starts == [0, 12]
 
     # fused update on the raw rows: W = 2 == one process (same global batches)
-    one = _train(UniFaceHead(D, K, **HP, fused_update=True, chunk_size=4, seed=3).double(), 0, 1, torch.float64)
+    one = _train(
+        UniFaceHead(D, K, **HP, fused_update=True, chunk_size=4, seed=3).double(), 0, 1, torch.float64
+    )
     for key in ("weight", "mom"):
         full = assemble([r["fused64"][key] for r in res], starts, K)
         torch.testing.assert_close(full, one[key], rtol=1e-10, atol=1e-12, msg=f"fused update {key}")
@@ -119,11 +133,14 @@ def test_uniface_sharded_equals_single_process(monkeypatch):
     assert float((one["weight"].norm(dim=1) - 1).abs().max()) > 1e-3  # raw rows, never re-projected
 
     # bf16 proxies + fp32 master rows: the master rows follow the same update (fp32 compute)
-    one16 = _train(UniFaceHead(D, K, **HP, fused_update=True, proxy_dtype="bf16", master_weights=True, seed=3).float(), 0, 1, torch.float32)  # fmt: skip
+    one16 = _train(UniFaceHead(D, K, **HP, fused_update=True, proxy_dtype="bf16", master_weights=True, seed=3), 0, 1, torch.float32)  # fmt: skip
     master = assemble([r["bf16"]["master"] for r in res], starts, K)
     torch.testing.assert_close(master, one16["master"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
-        assemble([r["bf16"]["weight"] for r in res], starts, K), master.to(torch.bfloat16).float(), rtol=0, atol=0
+        assemble([r["bf16"]["weight"] for r in res], starts, K),
+        master.to(torch.bfloat16).double(),
+        rtol=0,
+        atol=0,
     )
 
     # block path and sampling against the official formula on the global batch

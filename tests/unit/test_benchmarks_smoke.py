@@ -171,13 +171,15 @@ def test_gpu_check_dry_run(tmp_path):
 @pytest.mark.dist
 def test_classifier_benchmark_smoke(tmp_path):
     out = tmp_path / "classifier.json"
-    cmd = [sys.executable, "-m", "benchmarks.classifier", "--world-sizes", "2"]
-    cmd += ["--num-classes", "1000", "--steps", "3", "--dim", "128", "--batch", "16"]
-    cmd += ["--pfc-chunks", "none", "300", "--out", str(out)]
+    # --smoke: every registered loss (softmax dense and chunked at 300) on W = 2, K = 1000, in one spawn
+    cmd = [sys.executable, "-m", "benchmarks.classifier", "--smoke", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
+    from fr_dist.heads import list_heads
+
+    assert {r["head"] for r in results} == set(list_heads())
     assert {(r["head"], r["chunk"]) for r in results} >= {
         ("sphereface2", None),
         ("partial_fc", None),

@@ -247,7 +247,7 @@ def test_impossible_values_say_why(override, words):
 @pytest.mark.parametrize(
     "override,near",
     [
-        ("head.name=sphereface", "sphereface2"),
+        ("head.name=spherefac2", "sphereface2"),
         ("head.name=arcface", None),
         ("head.sphereface2.margin=D", None),
         ("head.partial_fc.margin=cosfac", "cosface"),

@@ -18,7 +18,15 @@ from fr_dist.heads.sampling import sample_classes
 
 
 def test_registry():
-    assert list_heads() == ["curricularface", "magface", "partial_fc", "sphereface2", "uniface"]
+    assert list_heads() == [
+        "adaface",
+        "curricularface",
+        "magface",
+        "partial_fc",
+        "sphereface",
+        "sphereface2",
+        "uniface",
+    ]
     assert isinstance(create_head("sphereface2", embedding_size=4, num_classes=3), SphereFace2Head)
     with pytest.raises(ValueError, match="did you mean 'sphereface2'.*known heads"):
         create_head("spherface2", embedding_size=4, num_classes=3)

@@ -31,6 +31,7 @@ LAYERS = {
     "checkpoint_io": 0,
     "checkpoint": 0,  # layout, atomic save, manager, states, deepspeed: errors + comm only
     "errors": 0,
+    "config_base": 0,
     "launch": 0,
     "signals": 0,
     "testing": 0,
@@ -43,6 +44,7 @@ LAYERS = {
     "plan": 2,
     "doctor": 2,
     "train": 3,
+    "convert": 3,  # arcface_torch / OpenSphere runs in and out: builds a trainer to write a run
     "cli": 4,
     "data.cli": 4,
     "eval.cli": 4,

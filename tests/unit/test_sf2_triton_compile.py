@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import dis
 import itertools
+import os
 
 import pytest
 
@@ -59,7 +60,17 @@ def _compile(arch: int, **const):
     fn = JITFunction(binary_triton.binary_negatives)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in CONSTEXPRS})
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    # the compiler reads TRITON_INTERPRET when it runs: tests/conftest.py turns the interpreter on for the
+    # session, and under it the code generator's builder is the interpreter's (AttributeError on .dtype)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80-a100", "sm90-h100"])

@@ -34,13 +34,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Annotated, Optional
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.heads.registry import register_loss
+from fr_dist.heads.sections import SoftmaxFamilyConfig
 from fr_dist.heads.softmax import SoftmaxHead, SoftmaxLoss
 
 __all__ = ["CurricularFace", "CurricularFaceConfig", "CurricularFaceHead", "CurricularMargin"]
@@ -133,42 +134,12 @@ class CurricularFace(SoftmaxLoss):
         return value, slope
 
 
-_LOSS_DEFAULTS = {p.name: p.default for p in inspect.signature(CurricularFace).parameters.values()}
-
-
 @register_loss("curricularface")
 class CurricularFaceHead(SoftmaxHead):
     """Model-parallel CurricularFace classifier: :class:`CurricularFace` on the softmax family's head
     (``head.name=curricularface``; every keyword is a ``head.curricularface.*`` key)."""
 
     loss_cls = CurricularFace
-
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        m: float = _LOSS_DEFAULTS["m"],
-        s: float = _LOSS_DEFAULTS["s"],
-        sample_rate: float = 1.0,
-        process_group=None,
-        seed: int = 0,
-        embedding_grad_scale: float = 1.0,
-        check_inputs: bool = True,
-        check_finite: bool = True,
-        chunk_size: int | None = None,
-    ):
-        super().__init__(
-            embedding_size,
-            num_classes,
-            CurricularFace(m, s),
-            sample_rate=sample_rate,
-            process_group=process_group,
-            seed=seed,
-            embedding_grad_scale=embedding_grad_scale,
-            check_inputs=check_inputs,
-            check_finite=check_finite,
-            chunk_size=chunk_size,
-        )
 
     def log_scalars(self) -> dict[str, float]:
         return {"curricular_t": float(self.t.detach().reshape(-1)[0])}
@@ -179,19 +150,14 @@ class CurricularFaceHead(SoftmaxHead):
 _CF = {p.name: p.default for p in inspect.signature(CurricularFaceHead).parameters.values()}
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
-class CurricularFaceConfig:
+@pydantic_dataclass(config=SECTION_CONFIG)
+class CurricularFaceConfig(SoftmaxFamilyConfig):
     """``head.curricularface``: the keyword arguments of :class:`CurricularFaceHead` (defaults: its own)."""
 
     m: float = Field(_CF["m"], ge=0, lt=math.pi)
     """Additive angular margin in radians, in [0, pi) (official 0.5)."""
     s: float = Field(_CF["s"], gt=0)
     """Logit scale s (> 0; official 64)."""
-    sample_rate: float = Field(_CF["sample_rate"], gt=0, le=1)
-    """Partial-FC rate of class centres kept per step, in (0, 1]; 1 = plain model parallel."""
-    chunk_size: Optional[Annotated[int, Field(ge=1)]] = _CF["chunk_size"]
-    """Classes per chunk of the fused softmax (online max / sum-exp, recompute in the backward, never
-    more than [W*B, chunk_size] logits alive); null = materialise the [W*B, n_local] block once (faster)."""
 
 
 CurricularFaceHead.Config = CurricularFaceConfig  # the head.curricularface section

@@ -33,13 +33,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Annotated, Optional
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.heads.registry import register_loss
+from fr_dist.heads.sections import SoftmaxFamilyConfig
 from fr_dist.heads.softmax import SoftmaxHead, SoftmaxLoss
 
 __all__ = ["MagFace", "MagFaceConfig", "MagFaceHead", "MagMargin"]
@@ -165,9 +166,6 @@ class MagFace(SoftmaxLoss):
         return self.lambda_g * (g_all.mean() + (g_own - g_own.detach()).sum() / N)
 
 
-_LOSS_DEFAULTS = {p.name: p.default for p in inspect.signature(MagFace).parameters.values()}
-
-
 @register_loss("magface")
 class MagFaceHead(SoftmaxHead):
     """Model-parallel MagFace classifier: :class:`MagFace` on the softmax family's head
@@ -176,46 +174,14 @@ class MagFaceHead(SoftmaxHead):
 
     loss_cls = MagFace
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = _LOSS_DEFAULTS["s"],
-        l_margin: float = _LOSS_DEFAULTS["l_margin"],
-        u_margin: float = _LOSS_DEFAULTS["u_margin"],
-        l_a: float = _LOSS_DEFAULTS["l_a"],
-        u_a: float = _LOSS_DEFAULTS["u_a"],
-        lambda_g: float = _LOSS_DEFAULTS["lambda_g"],
-        easy_margin: bool = _LOSS_DEFAULTS["easy_margin"],
-        sample_rate: float = 1.0,
-        process_group=None,
-        seed: int = 0,
-        embedding_grad_scale: float = 1.0,
-        check_inputs: bool = True,
-        check_finite: bool = True,
-        chunk_size: int | None = None,
-    ):
-        super().__init__(
-            embedding_size,
-            num_classes,
-            MagFace(s, l_margin, u_margin, l_a, u_a, lambda_g, easy_margin),
-            sample_rate=sample_rate,
-            process_group=process_group,
-            seed=seed,
-            embedding_grad_scale=embedding_grad_scale,
-            check_inputs=check_inputs,
-            check_finite=check_finite,
-            chunk_size=chunk_size,
-        )
-
 
 # ----------------------------------------------------------------------------- config section
 
 _MF = {p.name: p.default for p in inspect.signature(MagFaceHead).parameters.values()}
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
-class MagFaceConfig:
+@pydantic_dataclass(config=SECTION_CONFIG)
+class MagFaceConfig(SoftmaxFamilyConfig):
     """``head.magface``: the keyword arguments of :class:`MagFaceHead` (defaults: its own)."""
 
     s: float = Field(_MF["s"], gt=0)
@@ -233,11 +199,6 @@ class MagFaceConfig:
     easy_margin: bool = _MF["easy_margin"]
     """true (MagLinear's default): no margin where cos <= 0; false: ArcFace's fallback c - sin(pi - m) m
     where cos <= cos(pi - m)."""
-    sample_rate: float = Field(_MF["sample_rate"], gt=0, le=1)
-    """Partial-FC rate of class centres kept per step, in (0, 1]; 1 = plain model parallel."""
-    chunk_size: Optional[Annotated[int, Field(ge=1)]] = _MF["chunk_size"]
-    """Classes per chunk of the fused softmax (online max / sum-exp, recompute in the backward, never
-    more than [W*B, chunk_size] logits alive); null = materialise the [W*B, n_local] block once (faster)."""
 
     @model_validator(mode="after")
     def _check_bounds(self):

@@ -17,13 +17,15 @@ state: none. hyper-parameters (insightface's names): s, m1, m2, m3, margin, grad
 from __future__ import annotations
 
 import inspect
-from typing import Annotated, Literal, Optional
+from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.heads.registry import margin_class, margin_names, register_loss, register_margin
+from fr_dist.heads.sections import SoftmaxFamilyConfig
 from fr_dist.heads.softmax import SOFTMAX_GRAD_MODES, SoftmaxHead, SoftmaxLoss
 
 __all__ = ["SOFTMAX_MARGINS", "MarginSoftmax", "PartialFCConfig", "PartialFCHead", "SoftmaxMargin"]
@@ -123,9 +125,6 @@ class MarginSoftmax(SoftmaxLoss):
         return self.margin.target(cos_t, self.exact)
 
 
-_LOSS_DEFAULTS = {p.name: p.default for p in inspect.signature(MarginSoftmax).parameters.values()}
-
-
 @register_loss("partial_fc")
 class PartialFCHead(SoftmaxHead):
     """Model-parallel margin-softmax classifier with Partial-FC negative sampling: :class:`MarginSoftmax`
@@ -133,45 +132,14 @@ class PartialFCHead(SoftmaxHead):
 
     loss_cls = MarginSoftmax
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        margin: str = _LOSS_DEFAULTS["margin"],
-        s: float = _LOSS_DEFAULTS["s"],
-        m1: float = _LOSS_DEFAULTS["m1"],
-        m2: float = _LOSS_DEFAULTS["m2"],
-        m3: float = _LOSS_DEFAULTS["m3"],
-        sample_rate: float = 1.0,
-        process_group=None,
-        grad: str = _LOSS_DEFAULTS["grad"],
-        seed: int = 0,
-        embedding_grad_scale: float = 1.0,
-        check_inputs: bool = True,
-        check_finite: bool = True,
-        chunk_size: int | None = None,
-    ):
-        super().__init__(
-            embedding_size,
-            num_classes,
-            MarginSoftmax(margin, s, m1, m2, m3, grad),
-            sample_rate=sample_rate,
-            process_group=process_group,
-            seed=seed,
-            embedding_grad_scale=embedding_grad_scale,
-            check_inputs=check_inputs,
-            check_finite=check_finite,
-            chunk_size=chunk_size,
-        )
-
 
 # ----------------------------------------------------------------------------- config section
 
 _PFC = {p.name: p.default for p in inspect.signature(PartialFCHead).parameters.values()}
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
-class PartialFCConfig:
+@pydantic_dataclass(config=SECTION_CONFIG)
+class PartialFCConfig(SoftmaxFamilyConfig):
     """``head.partial_fc``: the keyword arguments of :class:`PartialFCHead` (defaults: its own)."""
 
     margin: Literal[SOFTMAX_MARGINS] = _PFC["margin"]
@@ -184,13 +152,8 @@ class PartialFCConfig:
     """Additive angular margin in radians (arcface, combined)."""
     m3: float = Field(_PFC["m3"], ge=0)
     """Additive cosine margin (cosface, combined); insightface's CosFace uses 0.4."""
-    sample_rate: float = Field(_PFC["sample_rate"], gt=0, le=1)
-    """Partial-FC rate of class centres kept per step, in (0, 1]; 1 = plain model parallel."""
     grad: Literal[SOFTMAX_GRAD_MODES] = _PFC["grad"]
     """straight_through (insightface ArcFace) | exact (gradient through the margin)."""
-    chunk_size: Optional[Annotated[int, Field(ge=1)]] = _PFC["chunk_size"]
-    """Classes per chunk of the fused softmax (online max / sum-exp, recompute in the backward, never
-    more than [W*B, chunk_size] logits alive); null = materialise the [W*B, n_local] block once (faster)."""
 
 
 PartialFCHead.Config = PartialFCConfig  # the head.partial_fc section (torchtitan-style Component.Config)

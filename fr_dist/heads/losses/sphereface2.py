@@ -20,12 +20,14 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.heads.binary import BinaryCoefficients, BinaryLoss
-from fr_dist.heads.binary_head import KERNELS, PROXY_DTYPES, BinaryHead, _check_fused_options
+from fr_dist.heads.binary_head import BinaryHead
 from fr_dist.heads.registry import margin_class, margin_names, register_loss, register_margin
+from fr_dist.heads.sections import BinaryFamilyConfig
 
 __all__ = [
     "GRAD_MODES",
@@ -277,9 +279,6 @@ def sphereface2_bias_init(
     return SphereFace2Stages.bias(num_classes, lam, *margin_obj.bias_logits(r))
 
 
-_LOSS_DEFAULTS = {p.name: p.default for p in inspect.signature(SphereFace2).parameters.values()}
-
-
 @register_loss("sphereface2")
 class SphereFace2Head(BinaryHead):
     """Model-parallel SphereFace2 classifier (the fr_dist product): :class:`SphereFace2` on the binary
@@ -287,59 +286,16 @@ class SphereFace2Head(BinaryHead):
 
     loss_cls = SphereFace2
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        lam: float = _LOSS_DEFAULTS["lam"],
-        r: float = _LOSS_DEFAULTS["r"],
-        m: float = _LOSS_DEFAULTS["m"],
-        t: float = _LOSS_DEFAULTS["t"],
-        lw: float = _LOSS_DEFAULTS["lw"],
-        margin: str = _LOSS_DEFAULTS["margin"],
-        grad: str = _LOSS_DEFAULTS["grad"],
-        process_group=None,
-        seed: int = 0,
-        embedding_grad_scale: float = 1.0,
-        check_inputs: bool = True,
-        check_finite: bool = True,
-        fused: bool = True,
-        chunk_size: int = 0,
-        fused_update: bool = False,
-        proxy_dtype: str = "fp32",
-        master_weights: bool = False,
-        sample_rate: float = 1.0,
-        num_negatives: int = 0,
-        kernel: str = "auto",
-    ):
-        super().__init__(
-            embedding_size,
-            num_classes,
-            SphereFace2(lam, r, m, t, lw, margin, grad),
-            process_group=process_group,
-            seed=seed,
-            embedding_grad_scale=embedding_grad_scale,
-            check_inputs=check_inputs,
-            check_finite=check_finite,
-            fused=fused,
-            chunk_size=chunk_size,
-            fused_update=fused_update,
-            proxy_dtype=proxy_dtype,
-            master_weights=master_weights,
-            sample_rate=sample_rate,
-            num_negatives=num_negatives,
-            kernel=kernel,
-        )
-
 
 # ----------------------------------------------------------------------------- config section
 
 _SF2 = {p.name: p.default for p in inspect.signature(SphereFace2Head).parameters.values()}
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
-class SphereFace2Config:
-    """``head.sphereface2``: the keyword arguments of :class:`SphereFace2Head` (defaults: its own)."""
+@pydantic_dataclass(config=SECTION_CONFIG)
+class SphereFace2Config(BinaryFamilyConfig):
+    """``head.sphereface2``: the keyword arguments of :class:`SphereFace2Head` (defaults: its own, except the
+    lean update of every binary loss's section, :class:`~fr_dist.heads.sections.BinaryFamilyConfig`)."""
 
     lam: float = Field(_SF2["lam"], gt=0, lt=1)
     """lambda in (0, 1): weight of the positive term vs the negatives (OpenSphere's lamb)."""
@@ -355,30 +311,10 @@ class SphereFace2Config:
     """Margin type: C (additive cosine) | A (additive angular) | M (multiplicative angular)."""
     grad: Literal[GRAD_MODES] = _SF2["grad"]
     """detached (OpenSphere: d logit / d cos = r) | exact (gradient through g)."""
-    chunk_size: int = Field(_SF2["chunk_size"], ge=0)
-    """Classes per chunk of the fused single-pass loss (0 = automatic from a ~1-2 MB budget)."""
-    fused_update: bool = _SF2["fused_update"]
-    """Update the class proxies inside the head's pass (train.optimizer: SGD with train.momentum /
-    nesterov, or AdamW with train.betas; the head weight decay and LR schedule): no [n, D] gradient.
-    Needs grad_accum=1. With negative sampling the update is lazy (unused rows keep their state)."""
-    proxy_dtype: Literal[PROXY_DTYPES] = _SF2["proxy_dtype"]
-    """Storage of proxies and their momentum: fp32 | bf16 (compute stays fp32; needs fused_update)."""
-    master_weights: bool = _SF2["master_weights"]
-    """With proxy_dtype=bf16: keep an fp32 master copy of the proxies (updates applied to it)."""
-    sample_rate: float = Field(_SF2["sample_rate"], gt=0, le=1)
-    """Negative sampling: keep all positives plus int(sample_rate x n_local) random negatives per rank,
-    weighted by 1/p (unbiased). 1 = all classes."""
-    num_negatives: int = Field(_SF2["num_negatives"], ge=0)
-    """Negative sampling with a fixed number of negatives per rank (0 = off; exclusive with sample_rate)."""
-    kernel: Literal[KERNELS] = _SF2["kernel"]
-    """Elementwise part of the fused chunk: auto (a Triton kernel on CUDA when triton is installed,
-    else torch ops) | eager | triton."""
 
     @model_validator(mode="after")
     def _check_combinations(self):
         margin_class("sphereface2", self.margin).check_m(self.m)  # M: >= 1, else >= 0
-        options = (self.chunk_size, self.fused_update, self.proxy_dtype, self.master_weights)
-        _check_fused_options(True, *options, self.sample_rate, self.num_negatives)  # the head's own rules
         return self
 
 

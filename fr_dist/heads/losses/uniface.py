@@ -33,15 +33,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.heads.binary import BinaryCoefficients, BinaryLoss
-from fr_dist.heads.binary_head import KERNELS, PROXY_DTYPES, BinaryHead, _check_fused_options
+from fr_dist.heads.binary_head import BinaryHead
 from fr_dist.heads.registry import register_loss
+from fr_dist.heads.sections import BinaryFamilyConfig
 
 __all__ = ["UniFace", "UniFaceConfig", "UniFaceHead", "uniface_bias_init"]
 
@@ -118,9 +119,6 @@ class UniFace(BinaryLoss):
         return ((z >= -self.s) & (z <= self.s)).to(cos_t.dtype)
 
 
-_LOSS_DEFAULTS = {p.name: p.default for p in inspect.signature(UniFace).parameters.values()}
-
-
 @register_loss("uniface")
 class UniFaceHead(BinaryHead):
     """Model-parallel UniFace classifier: :class:`UniFace` on the binary family's head
@@ -128,56 +126,18 @@ class UniFaceHead(BinaryHead):
 
     loss_cls = UniFace
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        m: float = _LOSS_DEFAULTS["m"],
-        s: float = _LOSS_DEFAULTS["s"],
-        l: float = _LOSS_DEFAULTS["l"],  # noqa: E741
-        r: float = _LOSS_DEFAULTS["r"],
-        process_group=None,
-        seed: int = 0,
-        embedding_grad_scale: float = 1.0,
-        check_inputs: bool = True,
-        check_finite: bool = True,
-        fused: bool = True,
-        chunk_size: int = 0,
-        fused_update: bool = False,
-        proxy_dtype: str = "fp32",
-        master_weights: bool = False,
-        sample_rate: float = 1.0,
-        num_negatives: int = 0,
-        kernel: str = "auto",
-    ):
-        super().__init__(
-            embedding_size,
-            num_classes,
-            UniFace(m, s, l, r),
-            process_group=process_group,
-            seed=seed,
-            embedding_grad_scale=embedding_grad_scale,
-            check_inputs=check_inputs,
-            check_finite=check_finite,
-            fused=fused,
-            chunk_size=chunk_size,
-            fused_update=fused_update,
-            proxy_dtype=proxy_dtype,
-            master_weights=master_weights,
-            sample_rate=sample_rate,
-            num_negatives=num_negatives,
-            kernel=kernel,
-        )
-
 
 # ----------------------------------------------------------------------------- config section
 
 _UF = {p.name: p.default for p in inspect.signature(UniFaceHead).parameters.values()}
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
-class UniFaceConfig:
-    """``head.uniface``: the keyword arguments of :class:`UniFaceHead` (defaults: its own, the official ones)."""
+@pydantic_dataclass(config=SECTION_CONFIG)
+class UniFaceConfig(BinaryFamilyConfig):
+    """``head.uniface``: the keyword arguments of :class:`UniFaceHead` (defaults: its own, the official ones,
+    except the lean update of every binary loss's section,
+    :class:`~fr_dist.heads.sections.BinaryFamilyConfig`). Its rows are the raw ones (the update steps
+    them with dL/dW_raw); the official ``partial_index`` sampling does not reweight, fr_dist's does (1/p)."""
 
     m: float = Field(_UF["m"], ge=0)
     """Cosine margin m of the target logit s (cos - m) - b (>= 0; official 0.4)."""
@@ -188,31 +148,6 @@ class UniFaceConfig:
     r: float = Field(_UF["r"], gt=0)
     """The bias init log(K r 10) (> 0; official 1). The official script also samples int(K r) classes per
     step with it; fr_dist samples with sample_rate / num_negatives (reweighted): keep r = 1 then."""
-    chunk_size: int = Field(_UF["chunk_size"], ge=0)
-    """Classes per chunk of the fused single-pass loss (0 = automatic from a ~1-2 MB budget)."""
-    fused_update: bool = _UF["fused_update"]
-    """Update the class proxies (the raw rows, with dL/dW_raw) inside the head's pass (train.optimizer: SGD
-    with train.momentum / nesterov, or AdamW with train.betas; the head weight decay and LR schedule): no
-    [n, D] gradient. Needs grad_accum=1. With negative sampling the update is lazy (unused rows keep their
-    state, as the official weight_mom)."""
-    proxy_dtype: Literal[PROXY_DTYPES] = _UF["proxy_dtype"]
-    """Storage of proxies and their momentum: fp32 | bf16 (compute stays fp32; needs fused_update)."""
-    master_weights: bool = _UF["master_weights"]
-    """With proxy_dtype=bf16: keep an fp32 master copy of the proxies (updates applied to it)."""
-    sample_rate: float = Field(_UF["sample_rate"], gt=0, le=1)
-    """Negative sampling: keep all positives plus int(sample_rate x n_local) random negatives per rank,
-    weighted by 1/p (unbiased; the official partial_index does not reweight). 1 = all classes."""
-    num_negatives: int = Field(_UF["num_negatives"], ge=0)
-    """Negative sampling with a fixed number of negatives per rank (0 = off; exclusive with sample_rate)."""
-    kernel: Literal[KERNELS] = _UF["kernel"]
-    """Elementwise part of the fused chunk: auto (a Triton kernel on CUDA when triton is installed,
-    else torch ops) | eager | triton."""
-
-    @model_validator(mode="after")
-    def _check_combinations(self):
-        options = (self.chunk_size, self.fused_update, self.proxy_dtype, self.master_weights)
-        _check_fused_options(True, *options, self.sample_rate, self.num_negatives)  # the head's own rules
-        return self
 
 
 UniFaceHead.Config = UniFaceConfig  # the head.uniface section (torchtitan-style Component.Config)

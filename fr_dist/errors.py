@@ -7,6 +7,7 @@
         CollectiveTimeout                  ... did not complete within the process-group timeout
       RendezvousError(RuntimeError)        the process group could not be started
       RecordIOError(ValueError)            a malformed RecordIO file (file, key, byte offset)
+      DataFileError(ValueError)            a malformed .bin pair file or IJB meta file (file, line)
       BinUnpicklingError(pickle.UnpicklingError)  an insightface .bin naming a refused global
 
 Each also derives from the builtin it always derived from, so ``except ValueError`` /
@@ -27,6 +28,7 @@ __all__ = [
     "CollectiveTimeout",
     "RendezvousError",
     "RecordIOError",
+    "DataFileError",
     "BinUnpicklingError",
 ]
 
@@ -70,6 +72,11 @@ class RecordIOError(FrDistError, ValueError):
             where += f", byte offset {offset}"
         super().__init__(f"{where}: {msg}")
         self.path, self.key, self.offset, self.reason = str(path), key, offset, msg
+
+
+class DataFileError(FrDistError, ValueError):
+    """A malformed evaluation data file (an insightface ``.bin`` pair file, IJB meta files, a
+    ``.bin``'s images); the message names the file (and the line or image)."""
 
 
 class BinUnpicklingError(FrDistError, pickle.UnpicklingError):

@@ -103,6 +103,7 @@ def verify_checkpoint(path, deep: bool = True) -> Optional[str]:
 
     With meta.json's ``files`` list: every file exists with its size (and CRC-32 when ``deep``).
     Older checkpoints (no list): every ``.pt`` must be a zip whose member CRCs check out.
+    Never raises for a damaged folder: whatever is wrong with it (meta.json included) is the reason.
     """
     path = Path(path)
     try:
@@ -115,32 +116,60 @@ def verify_checkpoint(path, deep: bool = True) -> Optional[str]:
             try:
                 with zipfile.ZipFile(f) as z:
                     bad = z.testzip() if deep else None
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                return f"{f.relative_to(path)} is damaged ({e})"
+                    # torch's zip reader (miniz) takes a member whose DOS attributes have the directory
+                    # bit for a directory and reads no data: the tensor silently loads as zeros
+                    odd = [i.filename for i in z.infolist() if i.external_attr & 0x10 and not i.is_dir()]
+            except Exception as e:  # BadZipFile, EOFError, and what a flipped header bit gives: an
+                # "encrypted" member (RuntimeError), an unknown compression (NotImplementedError), zlib.error
+                return f"{f.relative_to(path)} is damaged ({type(e).__name__}: {e})"
             if bad is not None:
                 return f"{f.relative_to(path)} is damaged (member {bad} fails its CRC)"
+            if odd:
+                return f"{f.relative_to(path)} is damaged (member {odd[0]} is marked as a directory)"
         return None
+    if not isinstance(files, dict):
+        return f"meta.json's files is a {type(files).__name__}, not a mapping of file records"
     for rel, info in sorted(files.items()):
-        f = path / rel
+        reason = _verify_file(path, rel, info, deep)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _verify_file(folder: Path, rel: str, info, deep: bool) -> Optional[str]:
+    """Why file ``rel`` of a checkpoint does not match its meta.json record ``info`` (None: it does)."""
+    if not (isinstance(info, dict) and type(info.get("size")) is int and isinstance(info.get("crc32"), str)):
+        return f"meta.json's record of {rel!r:.200} is malformed ({info!r:.100}; expected size and crc32)"
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        return f"meta.json names {rel!r:.200}, which is not a file inside the checkpoint"
+    f = folder / rel
+    try:
         if not f.is_file():
             return f"{rel} is missing"
         size = f.stat().st_size
         if size != info["size"]:
             return f"{rel} has {size} bytes, meta.json records {info['size']} (truncated or overwritten)"
         if deep and _crc32(f) != info["crc32"]:
-            return f"{rel} fails its CRC-32 check (meta.json {info['crc32']})"
+            return f"{rel} fails its CRC-32 check (meta.json {info['crc32']:.20})"
+    except (OSError, ValueError) as e:  # unreadable, a name the OS refuses
+        return f"{rel!r:.200} cannot be read ({e})"
     return None
 
 
 def read_meta(path) -> dict:
+    """meta.json of checkpoint folder ``path`` (a mapping); a missing or malformed one is a CheckpointError."""
     path = Path(path)
     meta = path / "meta.json"
     if not meta.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
     try:
-        return json.loads(meta.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{meta}: not valid JSON ({e})") from None
+        data = json.loads(meta.read_text())
+    except (ValueError, RecursionError) as e:  # bad JSON / UTF-8, too deeply nested
+        raise CheckpointError(f"{meta}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{meta}: not a JSON object (got {type(data).__name__})")
+    return data
 
 
 def _safe_globals() -> list:

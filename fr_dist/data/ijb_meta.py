@@ -6,17 +6,23 @@ Layout (``<dir>/<prefix>_...``, whitespace separated, one row per face image):
 * ``<prefix>_template_pair_label.txt``: ``template_id_1 template_id_2 label`` (1 genuine, 0 impostor)
 * ``<prefix>_name_5pts_score.txt`` (optional): ``image_name x1 y1 ... x5 y5 faceness``
 
-Used by :mod:`fr_dist.eval.ijb` (evaluation) and :mod:`fr_dist.data.synthetic` (a synthetic
+A malformed file raises :class:`~fr_dist.errors.DataFileError` (a ``ValueError``) naming the file
+and line. Used by :mod:`fr_dist.eval.ijb` (evaluation) and :mod:`fr_dist.data.synthetic` (a synthetic
 IJB-layout folder); no model code here.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from fr_dist.errors import DataFileError
 
 __all__ = ["ARCFACE_5PTS", "IJBMeta", "read_ijb_meta", "write_ijb_meta", "find_ijb_prefix"]
 
@@ -47,27 +53,50 @@ class IJBMeta:
 
 
 # ----------------------------------------------------------------------------- files
+_DECIMAL = re.compile(r"[+-]?[0-9]+", re.ASCII)  # what insightface's reader (np.loadtxt / int) reads
+
+
 def _rows(path: Path, ncols: Optional[int], min_cols: int = 1) -> list:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataFileError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            terms = line.split()
-            if not terms:
-                continue
-            if (ncols is not None and len(terms) != ncols) or len(terms) < min_cols:
-                want = ncols if ncols is not None else f">= {min_cols}"
-                raise ValueError(
-                    f"{path}:{lineno}: expected {want} fields, got {len(terms)}: {line.rstrip()!r}"
-                )
-            rows.append((lineno, terms))
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):  # as open() splits lines
+        terms = line.split()
+        if not terms:
+            continue
+        if (ncols is not None and len(terms) != ncols) or len(terms) < min_cols:
+            want = ncols if ncols is not None else f">= {min_cols}"
+            raise DataFileError(
+                f"{path}:{lineno}: expected {want} fields, got {len(terms)}: {line.rstrip()!r:.200}"
+            )
+        rows.append((lineno, terms))
     return rows
 
 
 def _int(path: Path, lineno: int, field: str, text: str) -> int:
     try:
-        return int(text)
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError
+        value = int(text)
     except ValueError:
-        raise ValueError(f"{path}:{lineno}: {field} {text!r} is not an integer") from None
+        raise DataFileError(f"{path}:{lineno}: {field} {text!r:.40} is not an integer") from None
+    if not -(1 << 63) <= value < 1 << 63:
+        raise DataFileError(f"{path}:{lineno}: {field} {text} is out of the int64 range")
+    return value
+
+
+def _float(path: Path, lineno: int, field: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataFileError(f"{path}:{lineno}: {field} {text!r:.40} is not a number") from None
+    if not math.isfinite(value):
+        raise DataFileError(f"{path}:{lineno}: {field} {text!r:.40} is not a finite number")
+    return value
 
 
 def _meta_dir(folder: Path, prefix: str) -> Path:
@@ -99,27 +128,21 @@ def read_ijb_meta(meta_dir, prefix: str) -> IJBMeta:
         t2.append(_int(pair_file, lineno, "template id 2", b))
         label = _int(pair_file, lineno, "label", lab)
         if label not in (0, 1):
-            raise ValueError(f"{pair_file}:{lineno}: label must be 0 or 1, got {label}")
+            raise DataFileError(f"{pair_file}:{lineno}: label must be 0 or 1, got {label}")
         labels.append(label)
     faceness = landmarks = None
     score_file = folder / f"{prefix}_name_5pts_score.txt"
     if score_file.is_file():
         rows = _rows(score_file, None, min_cols=2)
         if len(rows) != len(names):
-            raise ValueError(
+            raise DataFileError(
                 f"{score_file}: {len(rows)} rows but {tid_mid.name} has {len(names)} (one row per image expected)"
             )
         values, points = [], []
         for lineno, terms in rows:
-            try:
-                values.append(float(terms[-1]))
-            except ValueError:
-                raise ValueError(f"{score_file}:{lineno}: faceness {terms[-1]!r} is not a number") from None
+            values.append(_float(score_file, lineno, "faceness", terms[-1]))
             if len(terms) == 12:  # name, 5 (x, y) landmarks, score
-                try:
-                    points.append([float(t) for t in terms[1:11]])
-                except ValueError:
-                    raise ValueError(f"{score_file}:{lineno}: landmarks are not numbers") from None
+                points.append([_float(score_file, lineno, "landmark", t) for t in terms[1:11]])
         faceness = np.asarray(values, dtype=np.float32)
         if len(points) == len(rows):
             landmarks = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
@@ -140,7 +163,7 @@ def find_ijb_prefix(folder) -> str:
     folder = Path(folder)
     found = sorted(folder.glob("*_face_tid_mid.txt")) or sorted((folder / "meta").glob("*_face_tid_mid.txt"))
     if len(found) != 1:
-        raise ValueError(
+        raise DataFileError(
             f"{folder}: expected one *_face_tid_mid.txt (here or in meta/), found {[f.name for f in found]}"
         )
     return found[0].name[: -len("_face_tid_mid.txt")]

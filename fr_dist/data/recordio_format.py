@@ -33,6 +33,8 @@ __all__ = [
     "frame_record",
     "read_property",
     "write_property",
+    "MAX_IMAGE_PIXELS",
+    "peek_image_size",
 ]
 
 MAGIC = 0xCED7230A
@@ -40,6 +42,11 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEADER = struct.Struct("<IfQQ")
 HEADER_SIZE = _HEADER.size  # 24
 _LEN_MASK = (1 << 29) - 1
+_INT64_MAX = (1 << 63) - 1
+
+MAX_IMAGE_PIXELS = 1 << 26
+"""Readers refuse an encoded image whose header claims more pixels (8192 x 8192, 192 MB as RGB)
+before decoding it: a 600-byte JPEG can claim 65535 x 65535 and the decoder would fill 12 GB."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ def read_property(folder) -> Optional[tuple[int, int, int]]:
     p = Path(folder) / "property"
     if not p.is_file():
         return None
-    text = p.read_text().strip()
+    text = p.read_bytes().decode("utf-8", errors="replace").strip()
     try:
         parts = [int(x) for x in text.split(",")]
     except ValueError:
@@ -176,3 +183,28 @@ def frame_record(payload: bytes, key=None) -> bytes:
     out += [_MAGIC_BYTES, struct.pack("<I", ((3 if dptr else 0) << 29) | tail), payload[dptr:]]
     out.append(b"\x00" * (((tail + 3) & ~3) - tail))
     return b"".join(out)
+
+
+def peek_image_size(buf: bytes) -> Optional[tuple[int, int]]:
+    """(height, width) a JPEG (first SOF marker) or PNG (IHDR) header claims; None for other bytes."""
+    if buf[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(buf) < 24 or buf[12:16] != b"IHDR":
+            return None
+        w, h = struct.unpack(">II", buf[16:24])
+        return h, w
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(buf):
+        if buf[i] != 0xFF:
+            return None
+        m = buf[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+        elif m == 0x01 or 0xD0 <= m <= 0xD9:  # markers without a length
+            i += 2
+        elif 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):  # SOFn: length, precision, h, w
+            return struct.unpack(">HH", buf[i + 5 : i + 9]) if i + 9 <= len(buf) else None
+        else:
+            i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
+    return None

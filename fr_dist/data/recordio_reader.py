@@ -15,7 +15,9 @@ naming the file, the key and the byte offset.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import struct
 import threading
 import warnings
@@ -26,12 +28,15 @@ import numpy as np
 
 from fr_dist.data.image import decode_image
 from fr_dist.data.recordio_format import (
+    _INT64_MAX,
     _LEN_MASK,
     _MAGIC_BYTES,
     HEADER_SIZE,
     MAGIC,
+    MAX_IMAGE_PIXELS,
     IRHeader,
     RecordIndex,
+    peek_image_size,
     read_property,
     unpack_header,
 )
@@ -42,6 +47,7 @@ __all__ = ["RecordIOReader", "open_recordio"]
 log = logging.getLogger("fr_dist.data.recordio")  # the public module's name, as before the split
 
 _IMAGE_MAGICS = (b"\xff\xd8", b"\x89PNG")
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)  # an index number (int64 has 19 digits)
 
 
 def _first_label(h: IRHeader) -> float:
@@ -94,20 +100,21 @@ class RecordIOReader:
     def _read_index(self) -> RecordIndex:
         raw = self.idx_path.read_bytes()
         lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)
-        flat = np.zeros(0, np.int64)
-        if raw.strip():
+        flat = None
+        if raw.strip() and self._one_tab_per_line(raw, lines):
             with warnings.catch_warnings():  # fast C parse; any odd line -> the careful path
                 warnings.simplefilter("ignore")
                 try:
                     flat = np.fromstring(raw, dtype=np.int64, sep=" ")
                 except ValueError:
-                    flat = np.zeros(1, np.int64)  # size mismatch: take the careful path
-        if flat.size != 2 * lines:
+                    flat = None  # unparsable: take the careful path
+        # numpy saturates an out-of-range integer to INT64_MAX (either sign): the careful path says so
+        if flat is None or flat.size != 2 * lines or (flat.size and flat.max() == _INT64_MAX):
             flat = self._read_index_lines(raw.decode("utf-8", errors="replace"))
         if flat.size == 0:
             raise RecordIOError(self.idx_path, "index file is empty")
         keys, offs = flat[0::2], flat[1::2]
-        bad = np.flatnonzero((offs < 0) | (offs + 8 > self.size))
+        bad = np.flatnonzero((offs < 0) | (offs > self.size - 8))  # (offs + 8 could overflow)
         if bad.size:
             i = int(bad[0])
             raise RecordIOError(
@@ -118,20 +125,30 @@ class RecordIOReader:
             )
         return RecordIndex(keys, offs)
 
+    @staticmethod
+    def _one_tab_per_line(raw: bytes, lines: int) -> bool:
+        """Every line is ``key<TAB>offset`` as far as separators go (no other whitespace, one tab
+        per line): then 2 numbers per line on average means 2 on every line, and the fast parse holds."""
+        if any(c in raw for c in (b" ", b"\r", b"\x0b", b"\x0c")):
+            return False
+        b = np.frombuffer(raw, dtype=np.uint8)
+        tabs, ends = np.flatnonzero(b == 9), np.flatnonzero(b == 10)
+        if ends.size < lines:
+            ends = np.append(ends, b.size)  # the last line has no newline
+        return bool(tabs.size == ends.size == lines and (tabs < ends).all() and (ends[:-1] < tabs[1:]).all())
+
     def _read_index_lines(self, text: str) -> np.ndarray:
         out = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             parts = line.split()
-            try:
-                if len(parts) != 2:
-                    raise ValueError
-                out += [int(parts[0]), int(parts[1])]
-            except ValueError:
-                raise RecordIOError(
-                    self.idx_path, f"line {lineno} is not 'key<TAB>offset': {line!r}"
-                ) from None
+            if len(parts) != 2 or not all(_DECIMAL.fullmatch(p) for p in parts):
+                raise RecordIOError(self.idx_path, f"line {lineno} is not 'key<TAB>offset': {line!r}")
+            vals = [int(p) for p in parts]
+            if not all(-_INT64_MAX - 1 <= v <= _INT64_MAX for v in vals):
+                raise RecordIOError(self.idx_path, f"line {lineno}: {line!r} is out of the int64 range")
+            out += vals
         return np.asarray(out, dtype=np.int64)
 
     def _frame(self, pos: int, key) -> tuple[int, int]:
@@ -242,18 +259,28 @@ class RecordIOReader:
         ):
             self.layout = "insightface"
             id_start, id_end = int(h0.label[0]), int(h0.label[1])
+            if id_end > len(self.index):  # keys 0 .. id_end-1 are all records: check before allocating
+                raise RecordIOError(
+                    self.idx_path,
+                    f"the header record (label {list(h0.label)}) implies {id_end} records, the index "
+                    f"holds {len(self.index)}",
+                    0,
+                    self.index[0],
+                )
+            ks = self.keys[np.searchsorted(self.keys, 1) : np.searchsorted(self.keys, id_end)]
+            gap = np.flatnonzero(ks != np.arange(1, ks.size + 1))  # keys 1 .. id_end-1, all of them
+            if ks.size != id_end - 1 or gap.size:
+                k = int(gap[0]) + 1 if gap.size else ks.size + 1
+                raise RecordIOError(
+                    self.idx_path,
+                    f"key {k} implied by the header record (label {list(h0.label)}) is not in the index",
+                    0,
+                    self.index[0],
+                )
             self._image_keys = np.arange(1, id_start, dtype=np.int64)
             self.identity_keys = list(range(id_start, id_end))
             if id_end > id_start:
                 self._num_classes = id_end - id_start
-            for k in (1, id_start - 1, id_start, id_end - 1):
-                if 1 <= k < id_end and k not in self.index:
-                    raise RecordIOError(
-                        self.idx_path,
-                        f"key {k} implied by the header record (label {list(h0.label)}) is not in the index",
-                        0,
-                        self.index[0],
-                    )
         else:
             self._image_keys = self.keys
         if prop is not None:
@@ -287,7 +314,11 @@ class RecordIOReader:
         if self.layout != "insightface":
             raise ValueError(f"{self.path}: id ranges exist only in the insightface layout")
         h = self.read_header(self.identity_keys[identity])
-        if not isinstance(h.label, tuple) or len(h.label) < 2:
+        if (
+            not isinstance(h.label, tuple)
+            or len(h.label) < 2
+            or not all(math.isfinite(v) and v == int(v) for v in h.label[:2])
+        ):
             raise RecordIOError(
                 self.path,
                 f"identity record has label {h.label!r}, expected [start, end)",
@@ -299,9 +330,9 @@ class RecordIOReader:
     def label_of(self, key: int, header: IRHeader) -> int:
         """Class of image record ``key`` from its header, range-checked against num_classes."""
         lab = _first_label(header)
-        y = int(lab)
-        if y != lab or y < 0:
+        if not math.isfinite(lab) or int(lab) != lab or not 0 <= lab < 2**31:  # NaN, inf, 2.5, -1, 3e38
             raise RecordIOError(self.path, f"label {lab!r} is not a class index", key, self.index[key])
+        y = int(lab)
         if self.check_labels and self._num_classes is not None and y >= self._num_classes:
             raise RecordIOError(
                 self.path,
@@ -316,16 +347,27 @@ class RecordIOReader:
         return self.label_of(key, self.read_header(key))
 
     def labels(self) -> np.ndarray:
-        """int64 labels of all image records in ``image_keys`` order (headers only; cached)."""
+        """int64 labels of all image records in ``image_keys`` order (headers only; cached).
+
+        Each is checked as :meth:`label_of` checks it (a class index: an integer >= 0, and below
+        ``num_classes`` when that is known): a 2.5, -1 or NaN label raises, never truncates."""
         if self._labels is None:
             out = np.empty(self.num_images, dtype=np.int64)
             for i, k in enumerate(self.image_keys):
-                h = self.read_header(k)
-                out[i] = int(_first_label(h))
+                out[i] = self.label_of(k, self.read_header(k))
             self._labels = out
         return self._labels
 
     def decode_payload(self, key: int, payload: bytes) -> np.ndarray:
+        claimed = peek_image_size(payload)
+        if claimed is not None and claimed[0] * claimed[1] > MAX_IMAGE_PIXELS:
+            raise RecordIOError(
+                self.path,
+                f"image header claims {claimed[0]} x {claimed[1]} pixels (more than {MAX_IMAGE_PIXELS}): "
+                "refused before decoding",
+                key,
+                self.index[key],
+            )
         try:
             return decode_image(payload)
         except Exception as e:

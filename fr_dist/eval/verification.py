@@ -32,6 +32,8 @@ import torch
 from fr_dist import comm
 from fr_dist.data.image import decode_image, normalize_pixels
 from fr_dist.data.pairs import read_bin
+from fr_dist.data.recordio_format import MAX_IMAGE_PIXELS, peek_image_size
+from fr_dist.errors import DataFileError
 
 __all__ = [
     "evaluate_pairs",
@@ -326,17 +328,25 @@ def load_bin(path, image_size=(112, 112)) -> tuple[np.ndarray, np.ndarray]:
     """Decode an insightface ``.bin``: (uint8 RGB images [2N, H, W, 3], issame bool [N]).
 
     Images ``2i`` and ``2i + 1`` form pair ``i``; images of another size are resized (bilinear).
+    A malformed file or image raises :class:`~fr_dist.errors.DataFileError` (a ``ValueError``);
+    an image whose header claims more than ``MAX_IMAGE_PIXELS`` pixels is refused undecoded.
     """
     bins, issame = read_bin(path)
     h, w = int(image_size[0]), int(image_size[1])
-    out = np.empty((len(bins), h, w, 3), dtype=np.uint8)
+    out = np.empty((len(bins), h, w, 3), dtype=np.uint8)  # [2N, H, W, 3]
     for i, b in enumerate(bins):
+        claimed = peek_image_size(b)
+        if claimed is not None and claimed[0] * claimed[1] > MAX_IMAGE_PIXELS:
+            raise DataFileError(
+                f"{path}: image {i} (pair {i // 2}) claims {claimed[0]} x {claimed[1]} pixels "
+                f"(more than {MAX_IMAGE_PIXELS}): refused before decoding"
+            )
         try:
             img = decode_image(b)
         except Exception as e:
-            raise ValueError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from None
+            raise DataFileError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from None
         if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"{path}: image {i} decoded to shape {img.shape}, expected HxWx3")
+            raise DataFileError(f"{path}: image {i} decoded to shape {img.shape}, expected HxWx3")
         if img.shape[:2] != (h, w):
             import cv2
 

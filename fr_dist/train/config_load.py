@@ -162,6 +162,10 @@ def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            raise ConfigError(
+                f"key {key!r:.60} at line {key_node.start_mark.line + 1} is not a scalar (a config key is a name)"
+            )
         if key in seen:
             raise ConfigError(
                 f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: "
@@ -181,19 +185,64 @@ _Loader.add_implicit_resolver(  # YAML 1.2 floats without a dot (5e-4)
 )
 
 
+_MAX_VALUES = 100_000
+"""The most values one YAML document may hold once its aliases are expanded (recipes hold a few hundred):
+a few lines of nested aliases ("billion laughs") would otherwise expand to 10^9 values when validated."""
+
+
+def _yaml(text: str, where: str):
+    """``text`` parsed by :class:`_Loader`; every failure (a YAML error, a constructor's ValueError on
+    ``!!int x``, nesting past the recursion limit) and an alias bomb is a :class:`ConfigError`."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except Exception as e:  # yaml.YAMLError, ValueError / AttributeError of a constructor, RecursionError
+        raise ConfigError(f"{where}: invalid YAML: {type(e).__name__}: {e}") from None
+    try:
+        _count_values(data, {}, set())
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return data
+
+
+def _count_values(x, sizes: dict, open_: set) -> int:
+    """Values in ``x`` with aliases expanded (a shared node counts each time it is used); raises
+    ValueError past :data:`_MAX_VALUES` or for a node that contains itself (a recursive alias)."""
+    if not isinstance(x, (dict, list)):
+        return 1
+    if id(x) in sizes:
+        return sizes[id(x)]
+    if id(x) in open_:
+        raise ValueError("a recursive alias (a node that contains itself)")
+    open_.add(id(x))
+    children = [v for kv in x.items() for v in kv] if isinstance(x, dict) else x
+    n = 1 + sum(_count_values(c, sizes, open_) for c in children)
+    open_.discard(id(x))
+    if n > _MAX_VALUES:
+        raise ValueError(f"its aliases expand to more than {_MAX_VALUES} values")
+    sizes[id(x)] = n
+    return n
+
+
 def _read_recipe(path: Path, chain: tuple = ()) -> list[tuple[str, dict]]:
     """``path`` and, first, its ``defaults`` (recursively): ``[(file, mapping), ...]`` in merge order."""
-    if path.resolve() in chain:
-        raise ConfigError(f"{path}: its defaults include it again (a cycle)")
-    if not path.is_file():
-        named_by = f" (in the defaults of {chain[-1]})" if chain else ""
-        raise ConfigError(f"config file {path} not found{named_by}")
+    named_by = f" (in the defaults of {chain[-1]})" if chain else ""
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if path.resolve() in chain:
+            raise ConfigError(f"{path}: its defaults include it again (a cycle)")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found{named_by}")
+        raw = path.read_bytes()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, unreadable
+        raise ConfigError(f"config file {str(path)!r:.300}{named_by} cannot be read: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data = _yaml(text, str(path))
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {data!r}")
@@ -232,9 +281,9 @@ def _override_to_dict(item: str) -> dict:
                 break
             raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() != "" else ""
-    except (yaml.YAMLError, ConfigError) as e:
-        raise ConfigError(f"override {item!r}: cannot parse the value as YAML: {e}") from None
+        value = _yaml(raw, "value") if raw.strip() != "" else ""
+    except ConfigError as e:
+        raise ConfigError(f"override {item!r:.300}: cannot parse the value as YAML: {e}") from None
     if _unwrap(leaf) is str and value is not None and not isinstance(value, str):
         value = raw.strip()  # keep e.g. output_dir=2024 or resume=0001 verbatim
     if _section(leaf) and value == "":
@@ -352,15 +401,30 @@ def save_config(cfg: Config, path) -> None:
     os.replace(tmp, path)
 
 
+def _unusable_path(p: str, is_dir: bool = False) -> Optional[str]:
+    """Why ``p`` is not an existing file / folder (None: it is); a name the OS refuses says why."""
+    try:
+        ok = Path(p).is_dir() if is_dir else Path(p).exists()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        return f"is not a usable path ({e})"
+    return None if ok else "does not exist"
+
+
 def path_problems(cfg: Config) -> list[str]:
     """Files the config names that do not exist (the synthetic set's files may be generated later)."""
     syn = cfg.data.synthetic
     syn_dir, out = Path(syn.out_dir).resolve(), []
     for b in cfg.eval.bins:
-        if not Path(b).exists() and not (syn.generate and syn_dir in Path(b).resolve().parents):
-            out.append(f"eval.bins: {b} does not exist")
+        why = _unusable_path(b)
+        if why == "does not exist" and syn.generate:
+            try:
+                why = None if syn_dir in Path(b).resolve().parents else why
+            except (OSError, ValueError):
+                pass
+        if why:
+            out.append(f"eval.bins: {b} {why}")
     r = cfg.checkpoint.resume
-    if r not in ("none", "auto") and not Path(r).is_dir():
+    if r not in ("none", "auto") and _unusable_path(r, is_dir=True):
         out.append(
             f"checkpoint.resume={r!r}: no such checkpoint folder (use auto, none or RUN/checkpoints/<step>)"
         )

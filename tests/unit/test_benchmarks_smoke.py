@@ -166,34 +166,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "--device cuda" in p.stdout and "train.amp=fp16" in p.stdout
 
 
-# ----------------------------------------------------------------------------- helper "pfc":
-# benchmarks.classifier (the Makefile's bench-smoke command plus a chunked Partial FC)
-@pytest.mark.dist
-def test_classifier_benchmark_smoke(tmp_path):
-    out = tmp_path / "classifier.json"
-    # --smoke: every registered loss (softmax dense and chunked at 300) on W = 2, K = 1000, in one spawn
-    cmd = [sys.executable, "-m", "benchmarks.classifier", "--smoke", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
-    from fr_dist.heads import list_heads
-
-    assert {r["head"] for r in results} == set(list_heads())
-    assert {(r["head"], r["chunk"]) for r in results} >= {
-        ("sphereface2", None),
-        ("partial_fc", None),
-        ("partial_fc", 300),
-    }
-    for r in results:
-        assert r["step_time_s"] > 0 and r["gemm3_time_s"] > 0
-        assert r["ratio_to_gemm3"] == pytest.approx(r["step_time_s"] / r["gemm3_time_s"])
-        assert r["peak_step_bytes"] > 0 and r["peak_ratio_to_pfc_materialised"] > 0
-        assert r["comm_per_step"]["all_gather"]["calls"] >= 1
-        if r["head"] == "partial_fc":
-            assert r["comm_per_step"]["all_reduce"]["calls"] == 3  # max, sum, target
-    if _has_matplotlib():
-        assert out.with_suffix(".png").stat().st_size > 0
+# benchmarks.classifier --smoke (every registered loss): tests/unit/test_plan_losses.py
 
 
 @pytest.mark.dist

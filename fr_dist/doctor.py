@@ -365,7 +365,8 @@ def run_doctor(args) -> int:
     """``fr-dist doctor``: report, measure, exit through runtime.shutdown (never returns when launched)."""
     denv = detect_env()
     host, port, source = rendezvous_endpoint()
-    nnodes = int(os.environ.get("NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+    # NNODES may be an elastic range MIN:MAX (launch/torchrun_multinode.sh): the most nodes it allows
+    nnodes = int(str(os.environ.get("NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1).split(":")[-1])
     if os.environ.get("GROUP_WORLD_SIZE") and os.environ.get("LOCAL_WORLD_SIZE"):
         nnodes = max(nnodes, int(os.environ["WORLD_SIZE"]) // max(int(os.environ["LOCAL_WORLD_SIZE"]), 1))
     rep = network_report(host, port, nnodes)

@@ -22,6 +22,11 @@ can tell a run that finished from one stopped for preemption (requeue only the l
 SIGUSR1 is added to the signals torchrun's agent handles (``--signals-to-handle``, unless given):
 a SIGUSR1 sent to the launcher is forwarded to the ranks like SIGTERM (both are stop signals
 of the trainer) instead of killing the launcher and orphaning its workers.
+
+``FR_DIST_EXIT_BARRIER_TIMEOUT`` (seconds, optional; launch/torchrun_multinode.sh sets it, default 60):
+how long an agent whose workers finished waits for the other agents before it exits (torch's exit
+barrier: 300 s, no torchrun option). fr_dist's ranks finish together (a shutdown barrier), so the
+barrier only waits for an agent that died after the run had finished.
 """
 
 from __future__ import annotations
@@ -34,10 +39,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["main", "write_stop_marker", "read_stop_markers", "MARKER_ENV", "STATUS_ENV"]
+__all__ = [
+    "main",
+    "write_stop_marker",
+    "read_stop_markers",
+    "MARKER_ENV",
+    "STATUS_ENV",
+    "EXIT_BARRIER_ENV",
+    "rendezvous_failure",
+]
 
 MARKER_ENV = "FR_DIST_STOP_MARKER_DIR"
 STATUS_ENV = "FR_DIST_LAUNCH_STATUS_DIR"
+EXIT_BARRIER_ENV = "FR_DIST_EXIT_BARRIER_TIMEOUT"
 _SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
@@ -94,12 +108,42 @@ def _status(word: str) -> None:
         print(f"fr_dist.launch: could not write the status to {root}: {e}", file=sys.stderr, flush=True)
 
 
+def _set_exit_barrier_timeout() -> None:
+    """torch's elastic agent waits ``exit_barrier_timeout`` (300 s) for the other agents once its
+    workers finished; torchrun has no option for it: take it from ``FR_DIST_EXIT_BARRIER_TIMEOUT``."""
+    value = os.environ.get(EXIT_BARRIER_ENV, "").strip()
+    if not value:
+        return
+    from torch.distributed.elastic.agent.server import local_elastic_agent
+
+    cls = local_elastic_agent.LocalElasticAgent
+    init = cls.__init__
+
+    def __init__(self, *args, exit_barrier_timeout: float = float(value), **kwargs):
+        init(self, *args, exit_barrier_timeout=exit_barrier_timeout, **kwargs)
+
+    cls.__init__ = __init__
+
+
+def rendezvous_failure(endpoint: str, run_id: str, e: BaseException) -> str:
+    """The line the launcher prints when torchrun's rendezvous did not (re-)form the group."""
+    detail = f": {e}" if str(e) else ""
+    return (
+        f"fr_dist.launch: the rendezvous at {endpoint} (id {run_id}) did not complete ({type(e).__name__}"
+        f"{detail}): {endpoint} unreachable from {socket.gethostname()}, or the other nodes did not join in "
+        "time (RDZV_TIMEOUT, --rdzv-conf join_timeout); the checkpoints written so far are kept: relaunch "
+        "with checkpoint.resume=auto (exit 1)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = torchrun.parse_args(argv)  # torchrun's own parser: usage errors exit 2 as with torchrun
+    _set_exit_barrier_timeout()
     nproc = torchrun.determine_local_world_size(args.nproc_per_node)
     if args.signals_to_handle == torchrun.get_args_parser().get_default("signals_to_handle"):
         argv = [f"--signals-to-handle={_SIGNALS}"] + argv  # SIGUSR1 too: forwarded, not fatal
@@ -134,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             _status("stopped")
             return 0
+        except RendezvousError as e:  # the agents never (re-)formed the group: name the address
+            print(rendezvous_failure(args.rdzv_endpoint, args.rdzv_id, e), file=sys.stderr, flush=True)
+            _status("failed")
+            return 1
         except SystemExit as e:  # torchrun's own exits (argument errors)
             _status("finished" if not e.code else "failed")
             raise

@@ -12,7 +12,14 @@
 #
 # Arguments win over the environment; unset values fall back to:
 #   NPROC_PER_NODE  visible GPUs (nvidia-smi -L), else 1
-#   NNODES          $SLURM_JOB_NUM_NODES, else 1 (a range "2:4" makes the job elastic)
+#   NNODES          $SLURM_JOB_NUM_NODES, else 1. A range MIN:MAX ("1:2", "2:4") makes the job
+#                   elastic (torchrun --nnodes=MIN:MAX, c10d rendezvous): a lost node's peers
+#                   re-form the group without it (one of MAX_RESTARTS) and a node started later
+#                   joins at the next restart (torchrun restarts the workers when a node waits; that
+#                   does not count as a restart). The ranks resume from the newest checkpoint
+#                   (checkpoint.resume=auto), re-sharding the classifier to the new world size; the
+#                   batch / LR policy is train.on_resize. Node 0 hosts the rendezvous store: the job
+#                   survives the loss of any node but node 0.
 #   NODE_RANK       $SLURM_NODEID, else unset. The c10d rendezvous assigns ranks itself; the node
 #                   rank only decides which node HOSTS the rendezvous store (node 0, is_host=1),
 #                   which avoids guessing from hostnames when the endpoint is an IP / alias.
@@ -25,6 +32,13 @@
 #                   this long for node 0's rendezvous store to accept, then fails naming the address;
 #                   it is also torchrun's join_timeout (--rdzv-conf)
 #   RDZV_READ_TIMEOUT  rendezvous store operations (torchrun read_timeout, default 60)
+#   RDZV_LAST_CALL_TIMEOUT  elastic jobs: seconds the rendezvous waits for more nodes once MIN have
+#                   joined (torchrun's last_call_timeout, default 30): part of every re-forming
+#   EXIT_BARRIER_TIMEOUT  seconds a finished node's agent waits for the other agents before it exits
+#                   (torch's exit barrier; 300 s in torch, no torchrun option: fr_dist.launch sets it
+#                   from FR_DIST_EXIT_BARRIER_TIMEOUT). Default here 60: fr_dist's ranks finish
+#                   together (shutdown barrier), and a peer agent that died after the end is not
+#                   waited for 5 minutes.
 #   LOCAL_ADDR      this node's address for --local-addr (default: the address that routes to the
 #                   rendezvous host); the workers' MASTER_ADDR is node 0's LOCAL_ADDR
 #   FR_DIST_COMMAND fr-dist subcommand run on every rank (default train; `doctor` = pre-flight)
@@ -130,11 +144,25 @@ export PYTHONUNBUFFERED=1
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-300}"
 RDZV_READ_TIMEOUT="${RDZV_READ_TIMEOUT:-60}"
 RDZV_CONF="join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_READ_TIMEOUT"
+if [[ -n "${RDZV_LAST_CALL_TIMEOUT:-}" ]]; then RDZV_CONF="$RDZV_CONF,last_call_timeout=$RDZV_LAST_CALL_TIMEOUT"; fi
+export FR_DIST_EXIT_BARRIER_TIMEOUT="${EXIT_BARRIER_TIMEOUT:-${FR_DIST_EXIT_BARRIER_TIMEOUT:-60}}"
 if [[ -n "$NODE_RANK" ]]; then
   if [[ "$NODE_RANK" == "0" ]]; then RDZV_CONF="is_host=1,$RDZV_CONF"; else RDZV_CONF="is_host=0,$RDZV_CONF"; fi
 fi
 LOCAL_ADDR_ARG=()
+if [[ ! "$NNODES" =~ ^[0-9]+(:[0-9]+)?$ ]]; then
+  echo "torchrun_multinode: NNODES=$NNODES: give a node count N or an elastic range MIN:MAX (e.g. 1:2)" >&2
+  exit 2
+fi
 NNODES_MIN="${NNODES%%:*}"
+NNODES_MAX="${NNODES##*:}"
+if [[ "$NNODES_MIN" -lt 1 || "$NNODES_MAX" -lt "$NNODES_MIN" ]]; then
+  echo "torchrun_multinode: NNODES=$NNODES: need 1 <= MIN <= MAX" >&2
+  exit 2
+fi
+if [[ "$NNODES" == *:* && "${MAX_RESTARTS:-0}" == 0 ]]; then
+  echo "torchrun_multinode: NNODES=$NNODES is elastic but MAX_RESTARTS=0: a lost node ends the job (set MAX_RESTARTS >= 1 to re-form without it)" >&2
+fi
 if [[ "$NNODES_MIN" -gt 1 || "$NNODES" == *:* ]]; then
   # Multi-node: resolve the rendezvous host HERE; refuse loopback (127.0.1.1 <hostname> in
   # /etc/hosts) instead of hanging; pass this node's routable address (--local-addr) and pin
@@ -143,7 +171,7 @@ if [[ "$NNODES_MIN" -gt 1 || "$NNODES" == *:* ]]; then
   probe=0
   if [[ -n "$NODE_RANK" && "$NODE_RANK" != "0" ]]; then probe="$RDZV_TIMEOUT"; fi
   if ! net_env=$("$PYTHON" -m fr_dist.doctor launch-env --endpoint "$RDZV_ENDPOINT" \
-    --nnodes "$((NNODES_MIN > 2 ? NNODES_MIN : 2))" --probe "$probe"); then
+    --nnodes "$((NNODES_MAX > 2 ? NNODES_MAX : 2))" --probe "$probe"); then
     echo "torchrun_multinode: refusing to start on $(hostname) (node ${NODE_RANK:-?}): see the message above" >&2
     exit 3
   fi
@@ -155,7 +183,7 @@ if [[ "$NNODES_MIN" -gt 1 || "$NNODES" == *:* ]]; then
   if [[ -n "${RDZV_ADDR:-}" && "$RDZV_ADDR" != *:* ]]; then RDZV_ENDPOINT="$RDZV_ADDR:${RDZV_ENDPOINT##*:}"; fi
 fi
 
-echo "torchrun_multinode: node ${NODE_RANK:-?} of $NNODES on $(hostname) (${LOCAL_ADDR:-local}), $NPROC_PER_NODE rank(s)/node," \
+echo "torchrun_multinode: node ${NODE_RANK:-?} of $NNODES$([[ "$NNODES" == *:* ]] && echo " (elastic, max restarts ${MAX_RESTARTS:-0})") on $(hostname) (${LOCAL_ADDR:-local}), $NPROC_PER_NODE rank(s)/node," \
   "rendezvous $RDZV_ENDPOINT (id $RDZV_ID, timeout ${RDZV_TIMEOUT}s)," \
   "gloo if ${GLOO_SOCKET_IFNAME:-auto}, NCCL if ${NCCL_SOCKET_IFNAME:-auto}: ${FR_DIST_MODULE:-${FR_DIST_SCRIPT:-fr-dist ${FR_DIST_COMMAND:-train}}} ${ARGS[*]}" >&2
 # what each rank runs: `fr-dist train` (FR_DIST_COMMAND=doctor for the pre-flight), or a script

@@ -168,7 +168,7 @@ class Config:
             )
         # head.<loss>.fused_update with train.grad_accum > 1 (or an optimizer the pass does not implement) is
         # not refused here: the trainer builds the unfused head then and warns once
-        # (fr_dist.train.trainer.head_build_kwargs)
+        # (fr_dist.train.resume.head_build_kwargs)
         return self
 
     def to_dict(self) -> dict:

@@ -54,7 +54,8 @@ class Progress:
             st["nonfinite"],
         )
         self.scaler_skips = st.get("scaler_skips", 0)  # absent from checkpoints written before it
-        if st["global_batch"] != self.global_batch:
+        # at another world size the trainer announces the change and its batch policy (train.on_resize)
+        if st["global_batch"] != self.global_batch and st.get("world_size") == self.world_size:
             warnings.warn(
                 f"global batch changed from {st['global_batch']} to {self.global_batch}: data order resumes "
                 "at the same sample, step counts in the schedule are kept as saved",

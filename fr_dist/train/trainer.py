@@ -11,6 +11,7 @@ logging, evaluation and checkpoints all count optimizer steps, never micro-batch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -22,6 +23,7 @@ import torch
 
 from fr_dist import comm
 from fr_dist.checkpoint.states import SamplerState, ScheduleState
+from fr_dist.errors import ConfigError
 from fr_dist.heads import create_head
 from fr_dist.models import create_backbone
 from fr_dist.runtime import DistEnv
@@ -32,6 +34,7 @@ from fr_dist.train.config_load import config_errors, save_config
 from fr_dist.train.engines import ParallelDims, apply_ddp, apply_deepspeed
 from fr_dist.train.logging import MetricsLogger, Throughput, format_progress, rank0_print
 from fr_dist.train.optim import build_backbone_optimizer, build_head_optimizer, row_optimizer_args
+from fr_dist.train.resume import UNFUSED, head_build_kwargs, resize_line, resize_plan, saved_head_update
 from fr_dist.train.schedule import build_scheduler, optimizer_steps_per_epoch, resolve_schedule
 from fr_dist.train.state import Progress
 
@@ -55,8 +58,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, loader, num_classes: int):
         self.cfg, self.env, self.device, self.loader = cfg, env, device, loader
-        self.dims = ParallelDims(env.world_size, env.rank, cfg.train.grad_accum, cfg.engine)
         self.out = Path(cfg.output_dir)
+        self._resume, self._resize = False, None  # (False: not looked up yet) see _keep_global_batch
+        if cfg.train.on_resize == "keep_global_batch" and cfg.checkpoint.resume != "none":
+            cfg = self.cfg = self._keep_global_batch(cfg, env)  # grad_accum for the checkpoint's global batch
+        self.dims = ParallelDims(env.world_size, env.rank, cfg.train.grad_accum, cfg.engine)
         t = cfg.train
 
         # ---- model: an unchanged backbone, parallelism applied as steps; the head is never wrapped
@@ -64,15 +70,11 @@ class Trainer:
         m = cfg.model
         with config_errors(f"model ({m.name!r}, model.kwargs={m.kwargs})", {}):  # e.g. bad layers
             backbone = create_backbone(m).to(device)
-        self.head = create_head(
-            cfg.head.name,
-            embedding_size=m.embedding_size,
-            num_classes=num_classes,
-            seed=cfg.seed,
-            embedding_grad_scale=self.dims.embedding_grad_scale,
-            check_finite=False,  # a NaN step is skipped by the guard below, not raised
-            **cfg.head.head_kwargs(),
-        ).to(device)
+        head_kwargs, fallback = head_build_kwargs(cfg)  # the lean in-pass update, or why not
+        if fallback and env.is_main:
+            warnings.warn(fallback, stacklevel=2)
+        self._num_classes = num_classes
+        self._build_head(head_kwargs)
         self.head_dtype = cfg.head.dtype
         _seed_all(cfg.seed + env.rank)  # per-rank random streams (dropout, ...) from here on
 
@@ -82,12 +84,8 @@ class Trainer:
         spe = optimizer_steps_per_epoch(len(loader) * global_batch, global_batch, t.grad_accum)
         plan = resolve_schedule(t, spe, micro_batches_per_epoch=len(loader))
         self.total_steps = plan["total_steps"]
-        self.opt_head = build_head_optimizer(self.head, t)  # torch.optim on the head's trainable parameters
-        contract = self.head.optimizer_contract()
-        if contract.row_optimizer:  # and an update of its rows inside its pass; LR set every step
-            if t.grad_accum != 1:
-                raise ValueError(f"{contract.option} needs train.grad_accum=1")
-            self.head.configure_row_optimizer(**row_optimizer_args(t, self.opt_head))
+        self._plan = plan
+        self._build_head_optimizer()
         opt_bb = build_backbone_optimizer(backbone, t)
         if self.dims.engine == "deepspeed":
             self.bb = apply_deepspeed(
@@ -96,7 +94,8 @@ class Trainer:
         else:
             self.bb = apply_ddp(backbone, self.dims, device, opt_bb)
         self.sched_bb = build_scheduler(self.bb.optimizer, t.schedule, **plan)
-        self.sched_head = build_scheduler(self.opt_head, t.schedule, **plan)
+        self._lr0_bb = list(self.sched_bb.base_lrs)  # the configured peak LRs (before any on_resize scale)
+        self._lr_first_batch, self._lr_scale = global_batch * t.grad_accum, 1.0  # see resize_plan
         use_scaler = t.amp == "fp16" and device.type == "cuda" and cfg.engine == "ddp"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
@@ -107,6 +106,57 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.progress.step
+
+    # ------------------------------------------------------------------ the head
+    def _build_head(self, kwargs: dict) -> None:
+        cfg = self.cfg
+        self.head = create_head(
+            cfg.head.name,
+            embedding_size=cfg.model.embedding_size,
+            num_classes=self._num_classes,
+            seed=cfg.seed,
+            embedding_grad_scale=self.dims.embedding_grad_scale,
+            check_finite=False,  # a NaN step is skipped by the guard below, not raised
+            **kwargs,
+        ).to(self.device)
+
+    def _build_head_optimizer(self) -> None:
+        """torch.optim on the head's trainable parameters, the in-pass row update when the head asks for
+        one (its LR set every step), and the head's LR schedule."""
+        t = self.cfg.train
+        self.opt_head = build_head_optimizer(self.head, t)
+        contract = self.head.optimizer_contract()
+        if contract.row_optimizer:
+            if t.grad_accum != 1:
+                raise ValueError(f"{contract.option} needs train.grad_accum=1")
+            self.head.configure_row_optimizer(**row_optimizer_args(t, self.opt_head))
+        self.sched_head = build_scheduler(self.opt_head, t.schedule, **self._plan)
+        self._lr0_head = list(self.sched_head.base_lrs)
+
+    def _head_update(self) -> dict | None:
+        """How the head updates and stores its rows (None: a head without these options)."""
+        if not hasattr(self.head, "fused_update"):
+            return None
+        return {k: getattr(self.head, k) for k in UNFUSED}
+
+    def _resume_head_update(self, path: Path) -> None:
+        """Resume a checkpoint with the head update it was written by: one of a run started before the
+        lean default (unfused, fp32 rows) resumes unfused, whatever the config now asks (a Slurm requeue
+        of an old run goes on as it started); rank 0 says so once."""
+        mine = self._head_update()
+        saved = saved_head_update(path, self.cfg.head.name) if mine is not None else None
+        if saved is None or saved == mine:
+            return
+        if self.env.is_main:
+            warnings.warn(
+                f"checkpoint {path} was written by the head with {saved}; the config's head has {mine}: "
+                "resuming with the checkpoint's (start a new run for the config's: checkpoint.resume=none)",
+                stacklevel=3,
+            )
+        kwargs = {**self.cfg.head.head_kwargs(), **saved}
+        self.head = self.opt_head = self.sched_head = None  # one head in memory at a time
+        self._build_head(kwargs)
+        self._build_head_optimizer()
 
     # ------------------------------------------------------------------ helpers
     def _head_forward(self, emb, labels):
@@ -205,12 +255,68 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         meta = dict(world_size=self.env.world_size, **self._identity(), head=self.cfg.head.name)
+        t = self.cfg.train  # the batch policy's inputs on a resume at another world size (resize_plan)
+        meta.update(
+            global_batch=self.progress.global_batch * t.grad_accum,
+            grad_accum=t.grad_accum,
+            lr_global_batch=self._lr_first_batch,
+            lr_scale=self._lr_scale,
+        )
+        if self._head_update() is not None:
+            meta["head_update"] = self._head_update()  # resumed as written (_resume_head_update)
         return ckpt.save_checkpoint(
             self.out, self.step, self._states(), self.env.rank, meta, self.cfg.checkpoint.keep, self.cfg
         )
 
     def load_checkpoint(self, path: Path) -> None:
-        ckpt.load_checkpoint(path, self._states(), dict(self._identity(), head=self.cfg.head.name))
+        self._resume_head_update(Path(path))
+        meta = ckpt.load_checkpoint(path, self._states(), dict(self._identity(), head=self.cfg.head.name))
+        plan, self._resize = self._resize or resize_plan(self.cfg, meta, self.env.world_size), None
+        self._lr_scale = float(meta.get("lr_scale", 1.0))
+        first = plan["lr_global_batch"] if plan else meta.get("lr_global_batch", self._lr_first_batch)
+        self._lr_first_batch = int(first)
+        if plan is not None:
+            self._apply_lr_scale(plan["lr_scale"])
+            rank0_print(
+                self.env.rank,
+                resize_line(plan, self.head.num_classes, self._lr0_bb[0], self.cfg.train.on_resize),
+            )
+
+    # ------------------------------------------------------------------ a resume on another world size
+    def _keep_global_batch(self, cfg: Config, env: DistEnv) -> Config:
+        """train.on_resize=keep_global_batch: the config with the grad_accum that keeps the resumed
+        checkpoint's global batch (decided before the head and the schedule are built from it)."""
+        self._resume = ckpt.resume_path(self.out, cfg.checkpoint.resume, env.rank)
+        if self._resume is None:
+            return cfg
+        self._resize = resize_plan(cfg, ckpt.read_meta(self._resume), env.world_size)
+        if self._resize is None or self._resize["grad_accum"] == cfg.train.grad_accum:
+            return cfg
+        accum = self._resize["grad_accum"]
+        saved = saved_head_update(self._resume, cfg.head.name)
+        if accum != 1 and saved is not None and saved["fused_update"]:
+            raise ConfigError(
+                f"train.on_resize=keep_global_batch: world size {self._resize['old_world']} -> "
+                f"{env.world_size} needs train.grad_accum={accum} for the global batch "
+                f"{self._resize['old_global']}, but {self._resume} was written by the fused head update "
+                f"(head.{cfg.head.name}.fused_update), which cannot accumulate; resume with "
+                "train.on_resize=keep_per_rank_batch_scale_lr"
+            )
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
+
+    def set_first_global_batch(self, n: int) -> None:
+        """The run's first global batch, which ``train.on_resize`` scales the LR from on another world size
+        (a run converted from another tool started at the source's: fr_dist.convert.run)."""
+        self._lr_first_batch = int(n)
+
+    def _apply_lr_scale(self, scale: float) -> None:
+        """Peak LRs = the configured ones x ``scale``; the schedules' current LRs follow (same step)."""
+        for sched, lr0 in ((self.sched_bb, self._lr0_bb), (self.sched_head, self._lr0_head)):
+            sched.base_lrs = [lr * scale for lr in lr0]
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+        self._lr_scale = scale
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> dict:
@@ -219,7 +325,10 @@ class Trainer:
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        path = ckpt.resume_path(self.out, cfg.checkpoint.resume, self.env.rank)
+        if self._resume is False:  # not looked up in __init__ (keep_global_batch)
+            path = ckpt.resume_path(self.out, cfg.checkpoint.resume, self.env.rank)
+        else:
+            path, self._resume = self._resume, False
         if path is not None:
             self.load_checkpoint(path)
             self.log.truncate_after(self.step)  # the steps after the checkpoint are re-run: no repeats

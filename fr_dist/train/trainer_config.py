@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from fr_dist.config_base import SECTION_CONFIG
 from fr_dist.train.optim import OPTIMIZERS
 from fr_dist.train.schedule import SCHEDULES
 
 __all__ = ["TrainConfig"]
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True))
+@pydantic_dataclass(config=SECTION_CONFIG)
 class TrainConfig:
     """``train``: schedules count optimizer steps; ``min_lr`` is a fraction of the peak LR."""
 
@@ -67,6 +68,12 @@ class TrainConfig:
     """Abort after this many non-finite (skipped) steps in a row."""
     tensorboard: bool = True
     """Write TensorBoard scalars to RUN/tb."""
+    on_resize: Literal["keep_per_rank_batch_scale_lr", "keep_global_batch"] = "keep_per_rank_batch_scale_lr"
+    """A resume on another world size than the checkpoint's (elastic restart, a node lost or added):
+    keep_per_rank_batch_scale_lr = keep data.batch_size and grad_accum, scale the LRs linearly with the
+    global batch (peak LR = lr x global batch / the run's first global batch) | keep_global_batch = keep
+    the global batch and LRs by changing grad_accum (old global batch / (batch_size x new world size);
+    refused when not a whole number, or with the fused head update, which cannot accumulate)."""
 
     @field_validator("betas")
     @classmethod

@@ -1,6 +1,6 @@
 """The lean SphereFace2 update is what a config gets (fr_dist issue 18, item 5): ``fused_update=true`` with bf16
 proxies + momentum by default (the planner's capacity headline), and one warning + the unfused fp32 head where
-the training settings cannot use it (``fr_dist.train.trainer.head_build_kwargs``, the one place deciding it)."""
+the training settings cannot use it (``fr_dist.train.resume.head_build_kwargs``, the one place deciding it)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from fr_dist.heads.losses.sphereface2 import SphereFace2Head
 from fr_dist.heads.row_optim import ROW_OPTIMIZERS
 from fr_dist.plan.config import RECIPE_KEYS, PlanConfig
 from fr_dist.testing import spawn_gloo
-from fr_dist.train import trainer as trainer_mod
+from fr_dist.train import resume as resume_mod
 from fr_dist.train.config_load import load_config
 from fr_dist.train.optim import OPTIMIZERS
-from fr_dist.train.trainer import UNFUSED, head_build_kwargs
+from fr_dist.train.resume import UNFUSED, head_build_kwargs
 
 ROOT = Path(__file__).resolve().parents[2]
 SF2_RECIPES = sorted(glob.glob(str(ROOT / "configs" / "*_sf2*.yaml"))) + [
@@ -101,7 +101,7 @@ def test_optimizer_without_a_row_optimizer_falls_back(monkeypatch):
     """Every train.optimizer choice has a row optimizer today; one without (simulated: AdamW's taken away)
     falls back, naming train.optimizer. Both reasons at once: one message naming both."""
     assert set(OPTIMIZERS) <= set(ROW_OPTIMIZERS)
-    monkeypatch.setattr(trainer_mod, "ROW_OPTIMIZERS", {"sgd": ROW_OPTIMIZERS["sgd"]})
+    monkeypatch.setattr(resume_mod, "ROW_OPTIMIZERS", {"sgd": ROW_OPTIMIZERS["sgd"]})
     kwargs, why = head_build_kwargs(load_config(None, ["train.optimizer=adamw"]))
     assert _lean(kwargs) == UNFUSED
     assert "needs train.optimizer in sgd (got adamw)" in why

@@ -74,3 +74,13 @@ def tiny_data(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp(f"syn_{request.module.__name__.rsplit('.', 1)[-1]}")
     make_synthetic_dataset(out, **kw)
     return out
+
+
+@pytest.fixture
+def f64():
+    """float64 as the default dtype for the test (the exactness tests), float32 again after it."""
+    import torch  # not at the top: TRITON_INTERPRET above is set before anything imports triton
+
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)

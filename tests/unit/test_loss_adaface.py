@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_cases import rows_and_labels, run_batches
 
-from fr_dist import comm
 from fr_dist.errors import ConfigError
 from fr_dist.heads import create_head
 from fr_dist.heads.losses.adaface import AdaFace, AdaFaceHead, AdaFaceMargin
@@ -23,20 +23,9 @@ B, D, K = 6, 8, 23
 EPS = 1e-3
 
 
-@pytest.fixture
-def f64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 def _batch(world: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(K, D, generator=g, dtype=torch.float64) * (
-        0.5 + torch.rand(K, 1, generator=g, dtype=torch.float64)
-    )
-    y = torch.randint(0, K, (world * B,), generator=g)
-    y[0], y[-1] = 0, K - 1
+    W, y = rows_and_labels(world, B, K, D, g)
     x = 2.0 * F.normalize(W, dim=1)[y] + torch.randn(world * B, D, generator=g, dtype=torch.float64)
     x = x * torch.exp(
         torch.empty(world * B, 1, dtype=torch.float64).uniform_(-1.0, 4.5, generator=g)
@@ -65,16 +54,7 @@ def _reference(x, y, W, m, h, s, mean, std):
 
 
 def _run(head, batches, rank=0, world=1):
-    out = []
-    for x_all, y_all in batches:
-        x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
-        comm.reset_comm_stats()
-        loss = head(x, y_all[rank * B : (rank + 1) * B])
-        loss.backward()
-        out.append(dict(loss=loss.detach(), dx=x.grad, dW=head.weight.grad.clone(),
-                        mean=head.batch_mean.clone(), std=head.batch_std.clone(), stats=comm.comm_stats()))  # fmt: skip
-        head.zero_grad(set_to_none=True)
-    return out
+    return run_batches(head, batches, B, rank, world)
 
 
 def test_registry_config_and_validation():
@@ -191,9 +171,9 @@ def test_chunked_equals_dense_single_process(f64):
         runs[chunk] = _run(head, batches)
     for chunk in (1, 4, 1000):
         for a, b in zip(runs[None], runs[chunk]):
-            for k in ("loss", "dx", "dW", "mean", "std"):
+            for k in ("loss", "dx", "dW", "batch_mean", "batch_std"):
                 torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-12, msg=f"chunk={chunk} {k}")
-    assert not torch.equal(runs[None][0]["mean"], runs[None][1]["mean"])  # the statistics evolve
+    assert not torch.equal(runs[None][0]["batch_mean"], runs[None][1]["batch_mean"])  # the statistics evolve
 
 
 def _rank_w2(rank, world):
@@ -215,14 +195,7 @@ def test_global_batch_statistics_two_ranks_chunked_and_the_three_all_reduces(f64
     x1, y1, _ = _batch(2, seed=9)
     single = AdaFaceHead(D, K, t_alpha=0.5).double()  # the global batch on one process
     single.load_full_weight(W)
-    ref = []
-    for xa, ya in ((x0, y0), (x1, y1)):
-        x = xa.clone().requires_grad_(True)
-        loss = single(x, ya)
-        loss.backward()
-        ref.append(dict(loss=loss.detach(), dx=x.grad, dW=single.weight.grad.clone(),
-                        mean=single.batch_mean.clone(), std=single.batch_std.clone()))  # fmt: skip
-        single.zero_grad(set_to_none=True)
+    ref = run_batches(single, [(x0, y0), (x1, y1)], 2 * B)
     # per-rank statistics (AdaFace's DDP trainer) would differ from the global ones
     assert (
         float((x0[:B].norm(dim=1).clamp(0.001, 100).mean() - x0.norm(dim=1).clamp(0.001, 100).mean()).abs())
@@ -232,7 +205,7 @@ def test_global_batch_statistics_two_ranks_chunked_and_the_three_all_reduces(f64
         for t in range(2):
             tag = f"chunk={chunk} batch {t}"
             for r in range(2):
-                for k in ("loss", "mean", "std"):
+                for k in ("loss", "batch_mean", "batch_std"):
                     torch.testing.assert_close(
                         res[r][chunk][t][k], ref[t][k], rtol=1e-12, atol=1e-12, msg=tag
                     )

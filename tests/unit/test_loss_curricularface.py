@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_cases import rows_and_labels, run_batches
 
-from fr_dist import comm
 from fr_dist.errors import ConfigError
 from fr_dist.heads import create_head
 from fr_dist.heads.losses.curricularface import CurricularFace, CurricularFaceHead
@@ -23,27 +23,14 @@ B, D, K = 6, 8, 23
 
 def _batch(world: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(K, D, generator=g, dtype=torch.float64) * (
-        0.5 + torch.rand(K, 1, generator=g, dtype=torch.float64)
-    )
-    y = torch.randint(0, K, (world * B,), generator=g)
-    y[0], y[-1] = 0, K - 1
+    W, y = rows_and_labels(world, B, K, D, g)
     x = 2.0 * F.normalize(W, dim=1)[y] + torch.randn(world * B, D, generator=g, dtype=torch.float64)
     x[1] = -3.0 * F.normalize(W, dim=1)[y[1]]  # nearly antipodal: the fallback target c - sin(pi - m) m
     return x, y, W
 
 
 def _run(head, batches, rank=0, world=1):
-    out = []
-    for x_all, y_all in batches:
-        x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
-        comm.reset_comm_stats()
-        loss = head(x, y_all[rank * B : (rank + 1) * B])
-        loss.backward()
-        out.append(dict(loss=loss.detach(), dx=x.grad, dW=head.weight.grad.clone(), t=head.t.clone(),
-                        stats=comm.comm_stats()))  # fmt: skip
-        head.zero_grad(set_to_none=True)
-    return out
+    return run_batches(head, batches, B, rank, world)
 
 
 def test_registry_config_and_validation():
@@ -165,13 +152,7 @@ def test_chunked_equals_dense_two_ranks_and_the_extra_all_reduce():
         x1, y1, _ = _batch(2, seed=9)
         single = CurricularFaceHead(D, K, s=30.0).double()
         single.load_full_weight(W)
-        ref = []
-        for xa, ya in ((x0, y0), (x1, y1)):  # the global batch on one process
-            x = xa.clone().requires_grad_(True)
-            loss = single(x, ya)
-            loss.backward()
-            ref.append(dict(loss=loss.detach(), dx=x.grad, dW=single.weight.grad.clone(), t=single.t.clone()))
-            single.zero_grad(set_to_none=True)
+        ref = run_batches(single, [(x0, y0), (x1, y1)], 2 * B)  # the global batch on one process
     finally:
         torch.set_default_dtype(torch.float32)
     for chunk in (None, 1, 5):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_cases import rows_and_labels, run_batches
 
-from fr_dist import comm
 from fr_dist.errors import ConfigError
 from fr_dist.heads import create_head
 from fr_dist.heads.losses.magface import MagFace, MagFaceHead
@@ -22,11 +22,7 @@ HP = dict(s=30.0, l_margin=0.45, u_margin=0.8, l_a=10.0, u_a=110.0, lambda_g=35.
 def _batch(world: int, seed: int):
     """Raw embeddings with norms below l_a, inside and above u_a; targets at every angle."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(K, D, generator=g, dtype=torch.float64) * (
-        0.5 + torch.rand(K, 1, generator=g, dtype=torch.float64)
-    )
-    y = torch.randint(0, K, (world * B,), generator=g)
-    y[0], y[-1] = 0, K - 1
+    W, y = rows_and_labels(world, B, K, D, g)
     d = F.normalize(
         1.5 * F.normalize(W, dim=1)[y] + torch.randn(world * B, D, generator=g, dtype=torch.float64), dim=1
     )
@@ -38,15 +34,7 @@ def _batch(world: int, seed: int):
 
 
 def _run(head, batches, rank=0, world=1):
-    out = []
-    for x_all, y_all in batches:
-        x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
-        comm.reset_comm_stats()
-        loss = head(x, y_all[rank * B : (rank + 1) * B])
-        loss.backward()
-        out.append(dict(loss=loss.detach(), dx=x.grad, dW=head.weight.grad.clone(), stats=comm.comm_stats()))
-        head.zero_grad(set_to_none=True)
-    return out
+    return run_batches(head, batches, B, rank, world)
 
 
 def test_registry_config_and_validation():
@@ -186,13 +174,7 @@ def test_chunked_equals_dense_two_ranks_no_extra_collective():
         x1, y1, _ = _batch(2, seed=9)
         single = MagFaceHead(D, K, **HP).double()  # the global batch on one process
         single.load_full_weight(W)
-        ref = []
-        for xa, ya in ((x0, y0), (x1, y1)):
-            x = xa.clone().requires_grad_(True)
-            loss = single(x, ya)
-            loss.backward()
-            ref.append(dict(loss=loss.detach(), dx=x.grad, dW=single.weight.grad.clone()))
-            single.zero_grad(set_to_none=True)
+        ref = run_batches(single, [(x0, y0), (x1, y1)], 2 * B)  # the global batch on one process
     finally:
         torch.set_default_dtype(torch.float32)
     for chunk in (None, 1, 5):

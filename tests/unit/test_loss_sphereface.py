@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_cases import rows_and_labels, run_batches
 
-from fr_dist import comm
 from fr_dist.errors import ConfigError
 from fr_dist.heads import create_head
 from fr_dist.heads.losses.sphereface import SphereFace, SphereFaceHead, SphereFaceMargin
@@ -20,20 +20,9 @@ from fr_dist.train.config_load import load_config
 B, D, K = 6, 8, 23
 
 
-@pytest.fixture
-def f64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 def _batch(world: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(K, D, generator=g, dtype=torch.float64) * (
-        0.5 + torch.rand(K, 1, generator=g, dtype=torch.float64)
-    )  # rows of different norms: the head re-projects them
-    y = torch.randint(0, K, (world * B,), generator=g)
-    y[0], y[-1] = 0, K - 1
+    W, y = rows_and_labels(world, B, K, D, g)
     x = 1.5 * F.normalize(W, dim=1)[y] + torch.randn(world * B, D, generator=g, dtype=torch.float64)
     x[1] = -3.0 * F.normalize(W, dim=1)[y[1]]  # nearly antipodal: k = 1
     x[2] = 2.0 * F.normalize(W, dim=1)[y[2]]  # exactly on its centre: beyond the 1 - 1e-5 clamp
@@ -41,15 +30,7 @@ def _batch(world: int, seed: int):
 
 
 def _run(head, batches, rank=0, world=1):
-    out = []
-    for x_all, y_all in batches:
-        x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
-        comm.reset_comm_stats()
-        loss = head(x, y_all[rank * B : (rank + 1) * B])
-        loss.backward()
-        out.append(dict(loss=loss.detach(), dx=x.grad, dW=head.weight.grad.clone(), stats=comm.comm_stats()))
-        head.zero_grad(set_to_none=True)
-    return out
+    return run_batches(head, batches, B, rank, world)
 
 
 def _reference(x, y, W, s, m, detached=True):
@@ -179,13 +160,7 @@ def test_chunked_equals_dense_two_ranks_and_the_three_all_reduces(f64):
     x1, y1, _ = _batch(2, seed=9)
     single = SphereFaceHead(D, K).double()
     single.load_full_weight(W)
-    ref = []
-    for xa, ya in ((x0, y0), (x1, y1)):  # the global batch on one process
-        x = xa.clone().requires_grad_(True)
-        loss = single(x, ya)
-        loss.backward()
-        ref.append(dict(loss=loss.detach(), dx=x.grad, dW=single.weight.grad.clone()))
-        single.zero_grad(set_to_none=True)
+    ref = run_batches(single, [(x0, y0), (x1, y1)], 2 * B)  # the global batch on one process
     for chunk in (None, 5):
         for t in range(2):
             tag = f"chunk={chunk} batch {t}"

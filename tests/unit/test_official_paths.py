@@ -28,13 +28,6 @@ def _jobs():
                 )
 
 
-@pytest.fixture
-def f64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 @pytest.mark.skipif(not available(), reason="no tests/golden/*_official.npz")
 @pytest.mark.parametrize("name,case,opts", list(_jobs()))
 def test_official_vectors_on_every_path(name, case, opts, f64):

@@ -8,6 +8,8 @@ The arcface_torch fixtures are written by fr_dist's own writer (train_v2) and, f
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,26 +22,11 @@ from fr_dist.errors import CheckpointError
 from fr_dist.sharding import class_range
 from fr_dist.testing import spawn_gloo
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trainer import FlatNet  # noqa: E402  (BN-free: a resume on another W computes the same per sample)
+
 K, D = 31, 16  # uneven on 2 and 3 ranks
 TINY_DATA = dict(num_identities=K, images_per_identity=2, heldout_identities=4, heldout_pairs=8, seed=5)
-
-
-class FlatNet(nn.Module):
-    """BN-free backbone: a resume on another world size sees the same per-sample computation."""
-
-    def __init__(self, embedding_size=D, input_size=112, dropout=0.0, activation_checkpointing=False, **_):
-        super().__init__()
-        self.embedding_size, self.input_size = embedding_size, input_size
-        self.net = nn.Sequential(
-            nn.AvgPool2d(8),
-            nn.Flatten(),
-            nn.Linear(3 * 14 * 14, 32),
-            nn.PReLU(),
-            nn.Linear(32, embedding_size),
-        )
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def _register_flat():

@@ -21,6 +21,9 @@ BACKBONES: dict[str, dict] = {
     "iresnet50": dict(params=43_590_848, fwd_flops=12_618_661_888, act_bytes=70_800_384),
     "iresnet100": dict(params=65_156_160, fwd_flops=24_179_212_288, act_bytes=111_744_000),
     "iresnet200": dict(params=118_833_920, fwd_flops=46_837_891_072, act_bytes=195_437_568),
+    # insightface's backbones/iresnet2060.py: act_bytes with its checkpoint_sequential segments (20, 100) in
+    # training, as insightface runs it
+    "iresnet2060": dict(params=1_122_301_120, fwd_flops=477_815_209_984, act_bytes=224_138_240),
     "mobilefacenet": dict(params=2_059_520, fwd_flops=875_041_792, act_bytes=45_214_720),
     "mobilefacenet_large": dict(params=6_314_880, fwd_flops=3_632_965_632, act_bytes=113_554_432),
     # insightface's ViTs (arcface_torch backbones/vit.py: patch 9, 144 tokens, mask_ratio 0.1 of the
